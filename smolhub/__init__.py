@@ -1,0 +1,1 @@
+"""SmolHub's shared core: everything the five models have in common."""
