@@ -1,0 +1,1 @@
+"""StoryLlama: a Llama-style decoder (RoPE, SwiGLU, GQA/MQA, RMSNorm) for story generation."""

@@ -1,0 +1,32 @@
+"""StoryLlama's configuration: the defaults of MODELS.md (~89M parameters) and the presets."""
+from dataclasses import dataclass
+
+from smolhub.config import ModelConfig, option
+from smolhub.errors import UserError
+
+
+@dataclass
+class StoryLlamaConfig(ModelConfig):
+    block_size: int = option(512, "Context length in tokens.")
+    n_layer: int = option(8, "Number of transformer blocks.")
+    n_embd: int = option(768, "Model width (d_model).")
+    n_head: int = option(12, "Query heads.")
+    n_kv_heads: int = option(4, "Key/value heads: n_head = MHA, 1 = MQA, a divisor of n_head in between = GQA.")
+    ffn_hidden: int = option(2048, "Hidden width of the SwiGLU feed-forward.")
+    rope_theta: float = option(10000.0, "RoPE base frequency.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_kv_heads <= 0 or self.n_head % self.n_kv_heads:
+            raise UserError(f"--n_head {self.n_head} must be divisible by --n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise UserError(f"RoPE needs an even head dimension; n_embd/n_head = {self.head_dim}")
+
+
+# Presets set model and training fields together; flags given on the command line win.
+PRESETS = {
+    "tiny": dict(block_size=128, n_layer=2, n_embd=128, n_head=4, n_kv_heads=2, ffn_hidden=256,
+                 tokenizer="bpe", bpe_vocab_size=512, batch_size=16, max_steps=200, lr=3e-3, min_lr=3e-4,
+                 warmup_steps=20, eval_interval=50, eval_batches=8, log_interval=10, sample_interval=100,
+                 save_interval=100, compile="false", wandb_mode="disabled"),
+}

@@ -1,0 +1,254 @@
+"""Configs as documented dataclasses, and the command line built from them.
+
+Every field of the model config and of `TrainConfig` is a flag (`--n_layer 4`); `--preset NAME`
+and `--config FILE` (JSON or YAML) set many at once. Precedence, lowest first: the dataclass
+defaults, the preset, the config file, the flags. Parsing is transformers' `HfArgumentParser`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from smolhub.errors import UserError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text shows up in `--help`."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows are padded to a multiple of 64 so matmuls hit the fast tensor-core shapes."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class ModelConfig:
+    """Fields every architecture shares. Each model subclasses this with its own defaults."""
+
+    vocab_size: int = option(0, "Embedding rows; 0 = the tokenizer's size padded to a multiple of 64.")
+    block_size: int = option(512, "Context length in tokens.")
+    n_layer: int = option(8, "Number of transformer blocks.")
+    n_embd: int = option(768, "Model width (d_model).")
+    n_head: int = option(12, "Query heads.")
+    dropout: float = option(0.0, "Dropout on attention weights and residual branches (0 disables it).")
+    norm_eps: float = option(1e-5, "Epsilon of the normalisation layers.")
+    tie_embeddings: bool = option(True, "Share the token embedding and the output head.")
+    init_std: float = option(0.02, "Std of the normal init; residual projections get std/sqrt(2*n_layer).")
+    grad_checkpointing: bool = option(False, "Recompute each block in backward to save activation memory.")
+
+    def __post_init__(self) -> None:
+        positive = ["block_size", "n_layer", "n_embd", "n_head"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise UserError(f"--vocab_size must be 0 (from the tokenizer) or positive, got {self.vocab_size}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"config.json has fields {unknown} that {cls.__name__} does not know: "
+                            "is it a checkpoint of another model or a newer SmolHub?")
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, optimisation, precision, logging and checkpoints."""
+
+    # data
+    dataset: str = option("tinystories", "tinystories | tinyshakespeare | synthetic | fineweb | fineweb-edu | "
+                          "openwebtext | a local .txt/.jsonl/.parquet file or folder (optionally .gz).")
+    val_dataset: str = option("", "Separate validation data (same forms as --dataset); empty = the "
+                              "source's own validation split, else a held-out tail of --dataset.")
+    val_fraction: float = option(0.01, "Fraction of the tokens held out for validation when there is no split.")
+    max_tokens: int = option(0, "Cap on the training tokens prepared (0 = all).")
+    data_dir: str = option("data_cache", "Where tokenised shards and trained tokenizers are cached.")
+    tokenizer: str = option("", "gpt2 | bpe | a folder with a saved tokenizer or GPT-2 vocab.json+merges.txt; "
+                            "empty = the model's default.")
+    bpe_vocab_size: int = option(32000, "Vocabulary size when --tokenizer bpe trains one on the corpus.")
+    # batch and schedule
+    batch_size: int = option(16, "Sequences per micro-batch on each process.")
+    tokens_per_step: int = option(0, "Tokens per optimizer step over all processes; gradient accumulation "
+                                  "makes up the rest. 0 = one micro-batch per process.")
+    max_steps: int = option(5000, "Optimizer steps to train for.")
+    lr: float = option(6e-4, "Peak learning rate.")
+    min_lr: float = option(6e-5, "Floor of the cosine decay.")
+    warmup_steps: int = option(200, "Linear warmup steps.")
+    schedule: Literal["cosine", "cosine_restarts", "constant"] = option(
+        "cosine", "Learning-rate schedule after warmup.")
+    restart_period: int = option(1000, "Steps per cycle of --schedule cosine_restarts.")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to 2-D weights only.")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.95, "AdamW beta2.")
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    seq_len_stages: str = option("", "Progressive sequence length: comma-separated lengths, each dividing "
+                                 "block_size, trained for equal shares of the steps before the full context "
+                                 "(e.g. '128,256'). Tokens per step stay constant.")
+    # precision and speed
+    device: str = option("auto", "auto | cpu | cuda | cuda:N. Under torchrun each process takes its local rank.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
+        "auto", "Autocast precision; auto = bf16 on GPUs that have it, fp16 + loss scaling otherwise, fp32 on CPU.")
+    compile: Literal["auto", "true", "false"] = option("auto", "torch.compile the model; auto = on CUDA only.")
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms, for bit-exact reruns.")
+    seed: int = option(1337, "Seed for init, data order and sampling.")
+    # evaluation, samples, logging
+    eval_interval: int = option(250, "Evaluate every N steps (and at the end).")
+    eval_batches: int = option(20, "Validation micro-batches averaged per evaluation.")
+    log_interval: int = option(10, "Write metrics every N steps.")
+    sample_interval: int = option(500, "Print a sample generation every N steps (0 disables).")
+    sample_prompt: str = option("Once upon a time", "Prompt of the periodic samples.")
+    wandb_mode: Literal["online", "offline", "disabled"] = option(
+        "online", "wandb logging; online falls back to offline when no API key is configured.")
+    wandb_project: str = option("smolhub", "wandb project.")
+    run_name: str = option("", "Run name for wandb (default: the model name).")
+    peak_tflops: float = option(0.0, "Accelerator peak for MFU; 0 = H100 dense bf16 (989.5) on CUDA, no MFU on CPU.")
+    # checkpoints
+    out_dir: str = option("", "Output folder for checkpoints, metrics.jsonl and the loss curve; "
+                          "empty = out/<Model>.")
+    save_interval: int = option(1000, "Save a checkpoint every N steps (and at the end).")
+    keep_last: int = option(3, "Keep only the newest N checkpoints (0 keeps all).")
+    resume: bool = option(False, "Continue from the newest complete checkpoint in --out_dir.")
+    init_from: str = option("", "Start from the weights of this checkpoint (folder or Hub id), fresh optimizer.")
+
+    def __post_init__(self) -> None:
+        for name in ["batch_size", "max_steps", "eval_batches", "log_interval", "eval_interval", "save_interval"]:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ["warmup_steps", "tokens_per_step", "sample_interval", "keep_last", "max_tokens"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"need 0 <= --min_lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.restart_period <= 0:
+            raise UserError(f"--restart_period must be positive, got {self.restart_period}")
+        if self.resume and self.init_from:
+            raise UserError("--resume and --init_from exclude each other: resume continues out_dir, "
+                            "init_from starts a new run from other weights")
+        self.seq_lens()
+
+    def seq_lens(self) -> list[int]:
+        try:
+            return [int(s) for s in self.seq_len_stages.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seq_len_stages must be comma-separated integers, got {self.seq_len_stages!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage and exits on a bad flag; we want one UserError line instead."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (run with --help to see every flag)")
+
+
+def _hf_parser(dataclass_types, prog: str | None, description: str | None):
+    from transformers import HfArgumentParser  # heavy import, kept out of module import time
+
+    class Parser(_Parser, HfArgumentParser):
+        pass
+
+    parser = Parser(dataclass_types, prog=prog, description=description)
+    return parser
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"--config {path}: use a .json, .yaml or .yml file")
+    except (json.JSONDecodeError, ValueError) as e:
+        raise UserError(f"--config {path} is not valid {p.suffix[1:].upper()}: {e}".splitlines()[0])
+    except Exception as e:  # yaml.YAMLError, kept generic to avoid importing yaml at module level
+        raise UserError(f"--config {path} could not be parsed: {e}".splitlines()[0])
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must hold a mapping of field names to values")
+    return data
+
+
+def parse_cli(dataclass_types: tuple[type, ...], presets: dict[str, dict], argv: list[str] | None,
+              defaults: dict | None = None, prog: str | None = None, description: str | None = None) -> tuple:
+    """Parse argv into one instance of each dataclass.
+
+    `defaults` (a model's own training defaults, e.g. its dataset) apply first, then --preset, then
+    --config, then the flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+
+    fields = {f.name: t for t in dataclass_types for f in dataclasses.fields(t)}
+    overrides: dict[str, Any] = dict(defaults or {})
+    if known.preset is not None:
+        if known.preset not in presets:
+            raise UserError(f"--preset {known.preset!r} is unknown; choose from {sorted(presets)}")
+        overrides.update(presets[known.preset])
+    if known.config is not None:
+        overrides.update(load_config_file(known.config))
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise UserError(f"unknown config fields {unknown}; run with --help to see every field")
+
+    parser = _hf_parser(dataclass_types, prog, description)
+    parser.add_argument("--preset", choices=sorted(presets), help="Named set of defaults (e.g. tiny).")
+    parser.add_argument("--config", help="JSON or YAML file of field: value pairs.")
+    parser.set_defaults(**overrides)
+    try:
+        *objs, _extra = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as e:  # HfArgumentParser's "Some specified arguments are not used"
+        raise UserError(f"{e} (run with --help to see every flag)")
+    for obj in objs:
+        check_types(obj)
+    return tuple(objs)
+
+
+def check_types(obj: Any) -> None:
+    """Values from a --config file bypass argparse's conversion; refuse ones of the wrong type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            ok = value in typing.get_args(hint)
+            expected = " | ".join(map(str, typing.get_args(hint)))
+        elif hint is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            expected = "a number"
+        elif hint is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            expected = "an integer"
+        else:
+            ok = isinstance(value, hint)
+            expected = hint.__name__
+        if not ok:
+            raise UserError(f"{f.name} must be {expected}, got {value!r}")
+        if hint is float:
+            setattr(obj, f.name, float(value))

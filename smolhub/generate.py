@@ -1,0 +1,165 @@
+"""Autoregressive generation with a KV cache: one prefill of the prompt, then one token per step.
+
+Sampling: temperature (0 = greedy), top-k, top-p (nucleus), repetition penalty (CTRL), EOS stop, a
+seed. Padding ids beyond the tokenizer's vocabulary are never sampled. Prompt + new tokens must fit
+the context: a prompt too long for max_new_tokens is cropped from the left, keeping its end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from smolhub.errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) float -> next ids (B,)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the first always stays
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def fit_to_context(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+    """How many prompt tokens to keep so prompt + new tokens fit the context."""
+    if max_new_tokens >= block_size:
+        raise UserError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({block_size})")
+    return min(prompt_len, block_size - max_new_tokens)
+
+
+@torch.inference_mode()
+def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
+                 vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), step by step, until max_new_tokens or all rows hit EOS.
+
+    prompt: (B, T) ids, all rows the same length. A row that emitted EOS keeps being padded with EOS."""
+    if prompt.dim() != 2 or prompt.size(1) == 0:
+        raise UserError("the prompt is empty: give at least one token of text")
+    block_size = model.config.block_size
+    prompt = prompt[:, -fit_to_context(prompt.size(1), cfg.max_new_tokens, block_size):]
+    B, T = prompt.shape
+    device = prompt.device
+    dtype = next(model.parameters()).dtype
+    cache = model.make_kv_cache(B, T + cfg.max_new_tokens, device, dtype)
+    generator = None
+    if cfg.seed is not None and cfg.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, prompt, True)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits, _ = model(prompt, kv_cache=cache, start_pos=0)
+    pos = T
+    for _ in range(cfg.max_new_tokens):
+        next_logits = logits[:, -1, :]
+        if vocab_limit is not None and vocab_limit < next_logits.size(-1):
+            next_logits = next_logits.clone()
+            next_logits[:, vocab_limit:] = float("-inf")
+        token = sample_next(next_logits, cfg, seen, generator)
+        if cfg.stop_at_eos and eos_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_id), token)
+            done |= token == eos_id
+        yield token
+        if bool(done.all()):
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits, _ = model(token[:, None], kv_cache=cache, start_pos=pos)
+        pos += 1
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    if not prompt or not prompt.strip():
+        raise UserError("the prompt is empty: give some text to continue")
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens: give some text to continue")
+    return ids
+
+
+def _vocab_limit(tokenizer) -> int:
+    return len(tokenizer)
+
+
+def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece as text (without the prompt)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+    out: list[int] = []
+    emitted = ""
+    for token in generate_ids(model, ids, cfg, tokenizer.eos_token_id, _vocab_limit(tokenizer)):
+        t = int(token[0])
+        if cfg.stop_at_eos and t == tokenizer.eos_token_id:
+            break
+        out.append(t)
+        text = tokenizer.decode(out)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+            emitted = text
+    text = tokenizer.decode(out)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig) -> list[str]:
+    """Continuations of several prompts. Prompts of equal token length share one batched decode."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    results: list[str] = [""] * len(prompts)
+    eos = tokenizer.eos_token_id
+    for idxs in by_len.values():
+        batch = torch.tensor([encoded[i] for i in idxs], device=device)
+        steps = list(generate_ids(model, batch, cfg, eos, _vocab_limit(tokenizer)))
+        tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idxs]
+        for row, i in zip(tokens, idxs):
+            if cfg.stop_at_eos and eos in row:
+                row = row[:row.index(eos)]
+            results[i] = tokenizer.decode(row)
+    return results

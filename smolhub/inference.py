@@ -1,0 +1,117 @@
+"""Inference shared by every model folder: `load_model` / `generate_text` and the inference.py CLI."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from smolhub.checkpoint import load_checkpoint
+from smolhub.config import option, parse_cli
+from smolhub.errors import UserError
+from smolhub.generate import SamplingConfig, generate_batch, stream_text
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(path: str, device: str = "auto", dtype: str = "auto") -> torch.nn.Module:
+    """Load a checkpoint folder, a run's out_dir (its newest checkpoint) or a Hub repo id for inference.
+
+    The returned model carries its tokenizer (`model.tokenizer`) and the checkpoint's config.json
+    (`model.checkpoint`), so `generate_text(model=model, prompt=...)` needs nothing else."""
+    dev = pick_device(device)
+    loaded = load_checkpoint(path, dev)
+    model = loaded.model
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    model.to(getattr(torch, dtype))
+    model.tokenizer = loaded.tokenizer
+    model.checkpoint = loaded.config
+    model.checkpoint_path = loaded.path
+    return model
+
+
+def generate_text(model: torch.nn.Module, prompt: str, max_length: int = 100, temperature: float = 0.8,
+                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                  tokenizer=None, stream: bool = False):
+    """The prompt followed by up to max_length new tokens (a generator of text pieces if stream=True)."""
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise UserError("generate_text needs the tokenizer: load the model with load_model(path)")
+    cfg = SamplingConfig(max_new_tokens=max_length, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, seed=seed)
+    if stream:
+        return stream_text(model, tokenizer, prompt, cfg)
+    return prompt + generate_batch(model, tokenizer, [prompt], cfg)[0]
+
+
+@dataclass
+class InferenceArgs:
+    checkpoint: str = option("", "Checkpoint folder, a run's out_dir (newest checkpoint) or a Hub repo id.")
+    prompt: str = option("Once upon a time", "Text to continue.")
+    prompts_file: str = option("", "A file with one prompt per line, generated as a batch (overrides --prompt).")
+    max_new_tokens: int = option(200, "Tokens to generate per prompt.")
+    temperature: float = option(0.8, "Sampling temperature; 0 = greedy.")
+    top_k: int = option(0, "Sample among the k most likely tokens (0 = off).")
+    top_p: float = option(1.0, "Nucleus sampling: the smallest set of tokens with this much probability.")
+    repetition_penalty: float = option(1.0, "Divide the logits of tokens already present by this (1 = off).")
+    seed: int = option(-1, "Sampling seed (-1 = random).")
+    stream: bool = option(False, "Print tokens as they are generated (single prompt).")
+    json: bool = option(False, "Print one JSON object per prompt: prompt, completion, tokens, tokens_per_s.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", "Weights dtype; auto = bf16 on CUDA.")
+
+
+def main(argv: list[str] | None = None, prog: str = "inference.py") -> None:
+    (args,) = parse_cli((InferenceArgs,), {}, argv, prog=prog, description="Generate text from a checkpoint.")
+    if not args.checkpoint:
+        raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompts_file {args.prompts_file}: {e}")
+        if not prompts:
+            raise UserError(f"--prompts_file {args.prompts_file} holds no prompts")
+    else:
+        prompts = [args.prompt]
+    if args.stream and len(prompts) > 1:
+        raise UserError("--stream works with a single prompt; drop --prompts_file or --stream")
+    model = load_model(args.checkpoint, args.device, args.dtype)
+    tokenizer = model.tokenizer
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         seed=None if args.seed < 0 else args.seed)
+    start = time.perf_counter()
+    if args.stream:
+        print(prompts[0], end="", flush=True)
+        pieces = []
+        for piece in stream_text(model, tokenizer, prompts[0], cfg):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        completions = ["".join(pieces)]
+    else:
+        completions = generate_batch(model, tokenizer, prompts, cfg)
+    elapsed = time.perf_counter() - start
+    n_tokens = sum(len(tokenizer.encode(c, add_special_tokens=False)) for c in completions)
+    if args.json:
+        for p, c in zip(prompts, completions):
+            print(json.dumps({"prompt": p, "completion": c, "tokens": len(tokenizer.encode(c)),
+                              "tokens_per_s": n_tokens / elapsed}))
+    elif not args.stream:
+        for p, c in zip(prompts, completions):
+            print(p + c)
+            if len(prompts) > 1:
+                print("-" * 40)
+    print(f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)

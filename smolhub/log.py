@@ -1,0 +1,104 @@
+"""Metrics: metrics.jsonl (the record), tqdm, wandb, and the loss-curve PNG, all from the same numbers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from smolhub.config import TrainConfig
+
+
+class MetricsLogger:
+    """Rank 0 writes; the other ranks get a logger that does nothing, so call sites need no checks."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, run_config: dict, enabled: bool, resumed: bool):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.png = Path(out_dir) / "loss_curve.png"
+        self.wandb = None
+        if not enabled:
+            return
+        if not resumed and self.path.exists():
+            self.path.unlink()  # a fresh run in an old out_dir starts a fresh record
+        if cfg.wandb_mode != "disabled":
+            self.wandb = _start_wandb(cfg, run_config, out_dir, resumed)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> None:
+        """Redraw loss_curve.png from metrics.jsonl (so a resumed run's curve is whole)."""
+        if not self.enabled:
+            return
+        records = self.records()
+        if not records:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train), label="train", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="val", markersize=3)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.png.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.png)
+
+    def finish(self) -> None:
+        self.plot()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(cfg: TrainConfig, run_config: dict, out_dir: Path, resumed: bool):
+    import wandb
+
+    mode = cfg.wandb_mode
+    if mode == "online" and not _wandb_has_key():
+        tqdm.write("wandb: no API key configured (run `wandb login` or set WANDB_API_KEY); logging offline "
+                   f"to {out_dir}/wandb, upload later with `wandb sync`")
+        mode = "offline"
+    run_id_file = Path(out_dir) / "wandb_run_id"
+    run_id = run_id_file.read_text().strip() if resumed and run_id_file.exists() else wandb.util.generate_id()
+    run_id_file.write_text(run_id)
+    return wandb.init(project=cfg.wandb_project, name=cfg.run_name or None, config=run_config, dir=str(out_dir),
+                      mode=mode, id=run_id, resume="allow")
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in h for h in hosts)

@@ -1,0 +1,118 @@
+"""What every SmolHub language model shares: init, loss, parameter counts, FLOPs, KV caches.
+
+A model subclasses `CausalLM`, builds its layers in __init__ (calling `init_weights()` last) and
+writes its own forward, ending in `self.logits_and_loss(x, targets)`.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from smolhub.config import ModelConfig
+from smolhub.errors import UserError
+from smolhub.layers import KVCache
+
+ARCHITECTURES = ("SmolTransformer", "StoryLlama", "SmolMixtral", "StoryMixtral", "StoryKimi")
+
+
+def model_class(architecture: str) -> type["CausalLM"]:
+    """The model class named in a checkpoint's config.json (the model folder's name)."""
+    if architecture not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {architecture!r}; SmolHub has {list(ARCHITECTURES)}")
+    try:
+        module = importlib.import_module(f"{architecture}.model")
+    except ModuleNotFoundError as e:
+        raise UserError(f"cannot import {architecture}.model ({e}); run `pip install -e .` in the repo root")
+    return getattr(module, architecture)
+
+
+class CausalLM(nn.Module):
+    config_class: type[ModelConfig] = ModelConfig
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("config.vocab_size must be set (the trainer fills it from the tokenizer)")
+        self.config = config
+
+    @property
+    def architecture(self) -> str:
+        return type(self).__name__
+
+    # --- construction -------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * n_layer)
+        so the residual stream's variance does not grow with depth; then tie the head."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_init", False) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    # --- forward helpers ----------------------------------------------------------------------
+    def run_block(self, block: nn.Module, *args):
+        """Call a block, recomputing it in backward when gradient checkpointing is on."""
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def logits_and_loss(self, x: torch.Tensor, targets: torch.Tensor | None):
+        """Final hidden states -> (logits, None) for inference, or (None, mean cross-entropy) for training.
+
+        Training never returns the logits, so the loss computation is free to avoid keeping them."""
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return None, loss
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Extra training losses collected in the last forward (MoE balancing); None for dense models."""
+        return None
+
+    def train_metrics(self) -> dict:
+        """Model-specific numbers for the training log (expert load, for instance)."""
+        return {}
+
+    def after_optimizer_step(self) -> None:
+        """Hook for state updated outside the gradient (aux-loss-free balancing biases, for instance)."""
+
+    # --- inference ----------------------------------------------------------------------------
+    def make_kv_cache(self, batch_size: int, max_len: int, device, dtype) -> list[KVCache]:
+        cfg = self.config
+        n_kv = getattr(cfg, "n_kv_heads", cfg.n_head)
+        return [KVCache(batch_size, n_kv, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.n_layer)]
+
+    # --- accounting ---------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def num_active_params(self) -> int:
+        """Parameters used per token; equal to num_params for dense models."""
+        return self.num_params()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x active weights + attention scores (PaLM appendix B / nanoGPT).
+
+        The embedding lookup costs no FLOPs but the tied head does, so embeddings stay in the count
+        only when they are the head; with untied weights the input table is excluded."""
+        cfg = self.config
+        n = self.num_active_params()
+        if not cfg.tie_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

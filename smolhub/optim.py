@@ -1,0 +1,43 @@
+"""Optimizers and learning-rate schedules."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from smolhub.config import TrainConfig
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and embeddings) only: decaying norms' gains and biases hurts."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # .parameters() yields a tied weight once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    # The fused kernel is one launch for all parameters on CUDA; the CPU keeps the exact foreach path.
+    return torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device_type == "cuda")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based): linear warmup, then the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    floor = cfg.min_lr / cfg.lr
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    else:  # cosine_restarts: SGDR, the decay restarts from the peak every restart_period steps
+        progress = ((step - cfg.warmup_steps) % cfg.restart_period) / cfg.restart_period
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

@@ -1,0 +1,1 @@
+"""SmolHub on the Hugging Face Hub: download (and upload) checkpoints."""

@@ -1,0 +1,151 @@
+"""Each shared layer against a straightforward reference implementation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smolhub.layers import (CausalSelfAttention, GeluMLP, KVCache, LayerNorm, LearnedPositionalEmbedding, RMSNorm,
+                            RotaryEmbedding, SinusoidalPositionalEmbedding, SwiGLU, apply_rotary)
+
+
+def reference_attention(x, attn: CausalSelfAttention, rope=None):
+    """softmax(QK^T / sqrt(d) + causal mask) V with the kv heads explicitly repeated."""
+    B, T, _ = x.shape
+    H, KV, D = attn.n_head, attn.n_kv_heads, attn.head_dim
+    qkv = x @ attn.qkv.weight.T
+    q, k, v = qkv[..., :H * D], qkv[..., H * D:(H + KV) * D], qkv[..., (H + KV) * D:]
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, KV, D).transpose(1, 2)
+    v = v.view(B, T, KV, D).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    k = k.repeat_interleave(H // KV, dim=1)
+    v = v.repeat_interleave(H // KV, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = scores.softmax(-1) @ v
+    return y.transpose(1, 2).reshape(B, T, H * D) @ attn.out.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_attention_matches_reference(n_kv_heads):
+    torch.manual_seed(n_kv_heads)
+    attn = CausalSelfAttention(64, 8, n_kv_heads).double()
+    x = torch.randn(3, 11, 64, dtype=torch.float64)
+    rope = tuple(t.double() for t in RotaryEmbedding(8, 32)(0, 11))
+    torch.testing.assert_close(attn(x, rope), reference_attention(x, attn, rope), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn(x), reference_attention(x, attn), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_attention_kv_cache_equals_full_forward(n_kv_heads):
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, n_kv_heads).double().eval()
+    rope_table = RotaryEmbedding(8, 64)
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    full = attn(x, tuple(t.double() for t in rope_table(0, 20)))
+    cache = KVCache(2, n_kv_heads, 64, 8, "cpu", torch.float64)
+    # a 7-token prefill, one 5-token chunk (needs the explicit mask), then single tokens
+    pieces, pos = [], 0
+    for n in [7, 5] + [1] * 8:
+        rope = tuple(t.double() for t in rope_table(pos, n))
+        pieces.append(attn(x[:, pos:pos + n], rope, cache, pos))
+        pos += n
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_rejects_bad_head_split():
+    with pytest.raises(ValueError, match="divisible"):
+        CausalSelfAttention(64, 8, 3)
+
+
+def test_rope_matches_complex_formulation():
+    """Rotate-half RoPE == multiplying (x_i + i x_{i+d/2}) by e^{i m theta_i}."""
+    torch.manual_seed(0)
+    D, T, theta = 16, 10, 10000.0
+    x = torch.randn(2, 3, T, D, dtype=torch.float64)
+    cos, sin = RotaryEmbedding(D, T, theta)(0, T)
+    ours = apply_rotary(x, cos.double(), sin.double())
+    freqs = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), freqs)
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * torch.polar(torch.ones_like(angles), angles)
+    ref = torch.cat([z.real, z.imag], dim=-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)  # the tables are stored in fp32
+
+
+def test_rope_offset_and_relative_property():
+    """Scores depend only on relative position: q_m . k_n == q_{m+s} . k_{n+s}."""
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(8, 64)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def rot(v, pos):
+        cos, sin = rope(pos, 1)
+        return apply_rotary(v.view(1, 1, 1, 8), cos, sin).view(8)
+
+    assert torch.allclose(rot(q, 3) @ rot(k, 1), rot(q, 30) @ rot(k, 28), atol=1e-5)
+
+
+def test_rmsnorm_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-6)
+    norm.weight.data = torch.randn(16)
+    x = torch.randn(4, 16)
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), ref)
+
+
+def test_rmsnorm_computes_in_fp32_under_bf16():
+    x = (torch.randn(4, 64) * 100).bfloat16()
+    norm = RMSNorm(64)
+    ref = (x.float() / torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    assert norm(x).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(x).float(), ref.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_formula(bias):
+    torch.manual_seed(0)
+    norm = LayerNorm(16, eps=1e-5, bias=bias)
+    norm.weight.data = torch.randn(16)
+    if bias:
+        norm.bias.data = torch.randn(16)
+    x = torch.randn(4, 16)
+    ref = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) * norm.weight
+    if bias:
+        ref = ref + norm.bias
+    torch.testing.assert_close(norm(x), ref)
+
+
+def test_swiglu_formula():
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 24)
+    x = torch.randn(3, 16)
+    gate_w, up_w = ffn.gate_up.weight[:24], ffn.gate_up.weight[24:]
+    ref = (F.silu(x @ gate_w.T) * (x @ up_w.T)) @ ffn.down.weight.T
+    torch.testing.assert_close(ffn(x), ref)
+
+
+def test_gelu_mlp_formula():
+    torch.manual_seed(0)
+    mlp = GeluMLP(16, 64, bias=True)
+    x = torch.randn(3, 16)
+    h = x @ mlp.up.weight.T + mlp.up.bias
+    h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    torch.testing.assert_close(mlp(x), h @ mlp.down.weight.T + mlp.down.bias)
+
+
+def test_sinusoidal_positions_formula():
+    table = SinusoidalPositionalEmbedding(50, 8)(0, 50)
+    pos, i = 7, 2
+    assert table[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+    assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+    torch.testing.assert_close(SinusoidalPositionalEmbedding(50, 8)(5, 3), table[5:8])
+
+
+def test_learned_positions_refuse_beyond_context():
+    emb = LearnedPositionalEmbedding(16, 8)
+    assert emb(10, 6).shape == (6, 8)
+    with pytest.raises(ValueError, match="beyond the 16 learned positions"):
+        emb(10, 7)
