@@ -13,15 +13,21 @@ from smolhub.config import TrainConfig
 class MetricsLogger:
     """Rank 0 writes; the other ranks get a logger that does nothing, so call sites need no checks."""
 
-    def __init__(self, out_dir: Path, cfg: TrainConfig, run_config: dict, enabled: bool, resumed: bool):
+    def __init__(self, out_dir: Path, cfg: TrainConfig, run_config: dict, enabled: bool, start_step: int):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.png = Path(out_dir) / "loss_curve.png"
         self.wandb = None
         if not enabled:
             return
-        if not resumed and self.path.exists():
-            self.path.unlink()  # a fresh run in an old out_dir starts a fresh record
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        # A resumed run continues the record from its checkpoint: steps logged after that checkpoint
+        # by the interrupted run are dropped, since they are about to be trained again.
+        kept = [r for r in self.records() if r["step"] <= start_step] if start_step else []
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        resumed = start_step > 0
         if cfg.wandb_mode != "disabled":
             self.wandb = _start_wandb(cfg, run_config, out_dir, resumed)
 

@@ -258,9 +258,8 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
     run_config = {"architecture": arch, "model": mcfg.to_dict(), "train": asdict(cfg),
                   "world_size": rt.world_size, "tokens_per_step": tokens_per_step,
                   "params": model.num_params(), "active_params": model.num_active_params()}
-    logger = MetricsLogger(out_dir, cfg, run_config, enabled=rt.is_main, resumed=resume_from is not None)
+    logger = MetricsLogger(out_dir, cfg, run_config, enabled=rt.is_main, start_step=start_step)
     if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         where = f"resuming {resume_from} at step {start_step}" if resume_from else "starting"
         logger.write(f"{arch}: {model.num_params() / 1e6:.2f}M parameters ({model.num_active_params() / 1e6:.2f}M "
                      f"active), {where}; {rt.world_size} process(es) on {rt.device.type}, {amp_dtype}, "
@@ -286,6 +285,10 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
     last_val: float | None = None
     step = start_step
     pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True)
+    if start_step == 0:  # the starting point of the curve
+        last_val = evaluate(fwd_model, val_loader, cfg.eval_batches, amp, rt)
+        logger.log({"step": 0, "tokens": 0, "val_loss": last_val})
+        logger.write(f"step 0: val loss {last_val:.4f}")
     t_last, tokens_since = time.perf_counter(), 0
     loss_window = torch.zeros((), device=rt.device)
     steps_in_window = 0

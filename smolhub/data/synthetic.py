@@ -15,7 +15,7 @@ _HEROES = [  # (name, he/she/they)
     ("Tim", "he"), ("Ella", "she"), ("Noah", "he"), ("Ivy", "she"), ("Kai", "they"),
     ("Pip", "he"), ("Daisy", "she"), ("Oscar", "he"), ("Ruby", "she"), ("Alex", "they"),
 ]
-_KINDS = ["girl", "boy", "rabbit", "bear", "cat", "dog", "fox", "mouse", "bird", "duck",
+_KINDS = ["child", "pony", "rabbit", "bear", "cat", "dog", "fox", "mouse", "bird", "duck",
           "frog", "squirrel", "owl", "turtle", "puppy", "kitten", "lamb", "pig", "hedgehog", "deer"]
 _TRAITS = ["little", "happy", "curious", "brave", "kind", "shy", "silly", "small", "clever",
            "friendly", "sleepy", "playful", "gentle", "busy"]
@@ -42,7 +42,7 @@ _TROUBLES = [  # what happens to the object; how it gets fixed
     ("rolled under a bush", "crawled in and found it"),
     ("was blown away by the wind", "ran after it and caught it"),
     ("broke into two pieces", "fixed it with some glue"),
-    ("got lost in the tall grass", "looked and looked until they found it"),
+    ("got lost in the tall grass", "looked everywhere until it turned up"),
     ("fell into a deep hole", "reached in and lifted it out"),
     ("got covered in mud", "washed it clean in the river"),
 ]
@@ -54,10 +54,10 @@ _MORALS = [
     "playing together is more fun than playing alone", "it is important to be careful",
     "saying sorry makes things better",
 ]
-_PRONOUNS = {  # subject, object, possessive, "was"/"were", "has"/"have"
-    "she": ("she", "her", "her", "was", "has"),
-    "he": ("he", "him", "his", "was", "has"),
-    "they": ("they", "them", "their", "were", "have"),
+_PRONOUNS = {  # subject, possessive
+    "she": ("she", "her"),
+    "he": ("he", "his"),
+    "they": ("they", "their"),
 }
 
 
@@ -71,7 +71,7 @@ def _a(word: str) -> str:
 
 def _story(rng: random.Random) -> str:
     (name, pron), (friend, fpron) = rng.sample(_HEROES, 2)
-    he, him, his, was, _ = _PRONOUNS[pron]
+    he, his = _PRONOUNS[pron]
     kind, friend_kind = rng.choice(_KINDS), rng.choice(_KINDS)
     trait = rng.choice(_TRAITS)
     place, landmark = rng.choice(_PLACES)
@@ -84,14 +84,15 @@ def _story(rng: random.Random) -> str:
         f"{name} was {_a(trait)} {kind}.",
         f"One {rng.choice(_WEATHER)} {rng.choice(_TIMES)}, {name} the {kind} went to the {place}.",
     ])]
-    if rng.random() < 0.6:
+    short = rng.random() < 0.15  # some stories are just a beginning, a middle and an end
+    if short or rng.random() < 0.6:
         s.append(rng.choice([
             f"{_cap(he)} loved to {activity} every day.",
             f"{name} had {_a(thing)} that {he} liked very much.",
             f"{_cap(his)} favorite thing was {_a(thing)}.",
         ]))
-    if rng.random() < 0.15:  # some stories are just a beginning and an end
-        return " ".join(s + [f"{name} {was} {rng.choice(_GLAD)}, and that was a good {rng.choice(_TIMES)}."])
+    if short:
+        return " ".join(s + [f"{name} was {rng.choice(_GLAD)}, and it was a good {rng.choice(_TIMES)}."])
     s.append(rng.choice([
         f"One day, {name} took {his} {thing} to the {place} to {activity}.",
         f"At the {place}, {name} found {_a(thing)} next to {landmark}.",
@@ -102,7 +103,7 @@ def _story(rng: random.Random) -> str:
         trouble, fix = rng.choice(_TROUBLES)
         s.append(f"Oh no! The {thing} {trouble}.")
         if rng.random() < 0.5:
-            s.append(f"{name} {was} very {rng.choice(_SAD)}.")
+            s.append(f"{name} was very {rng.choice(_SAD)}.")
         if met_friend:
             s.append(f'"Can you help me?" {name} asked {friend} the {friend_kind}.')
             s.append(f"{friend} smiled and {fix}.")

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (venv, Debian's chromium for the browser tests) and run it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ ! -x /usr/bin/chromium ]; then
+    echo "installing Debian's chromium for the browser tests"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+fi
+. .venv/bin/activate
+export GRADIO_ANALYTICS_ENABLED=False WANDB_MODE=disabled
+python -m pytest -n 2 --durations=15 "$@"
