@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from smolhub.errors import UserError
+from smolhub.layers import KVCache
 
 
 @dataclass
@@ -68,6 +69,43 @@ def fit_to_context(prompt_len: int, max_new_tokens: int, block_size: int) -> int
     return min(prompt_len, block_size - max_new_tokens)
 
 
+class CompiledDecoder:
+    """One-token decode steps as a CUDA graph: a static KV cache the length of the context, the
+    position passed as a device tensor, and the step compiled with mode="reduce-overhead".
+
+    Python launch overhead dominates small-model decoding (each step is ~100 tiny kernels), so
+    replaying one captured graph per token is what makes batch-1 decoding fast. The decoder and its
+    cache are kept on the model and reused by later calls, so only the first call compiles."""
+
+    def __init__(self, model, batch_size: int, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.cache = model.make_kv_cache(batch_size, model.config.block_size, device, dtype)
+        for layer in self.cache:
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
+        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def _step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.model(token, kv_cache=self.cache, start_pos=pos)
+        return logits[:, -1, :].float()
+
+    @staticmethod
+    def usable(model, device: torch.device) -> bool:
+        """CUDA only, and only for models whose caches take tensor positions (plain KVCache layers)."""
+        if device.type != "cuda" or getattr(model, "compiled_decode_failed", False):
+            return False
+        probe = model.make_kv_cache(1, 1, "meta", torch.float32)
+        return all(type(layer) is KVCache for layer in probe)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, device: torch.device, dtype: torch.dtype) -> "CompiledDecoder":
+        decoders = model.__dict__.setdefault("_compiled_decoders", {})
+        key = (batch_size, device, dtype)
+        if key not in decoders:
+            decoders[key] = cls(model, batch_size, device, dtype)
+        return decoders[key]
+
+
 @torch.inference_mode()
 def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
                  vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
@@ -81,7 +119,8 @@ def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int |
     B, T = prompt.shape
     device = prompt.device
     dtype = next(model.parameters()).dtype
-    cache = model.make_kv_cache(B, T + cfg.max_new_tokens, device, dtype)
+    decoder = CompiledDecoder.for_model(model, B, device, dtype) if CompiledDecoder.usable(model, device) else None
+    cache = decoder.cache if decoder else model.make_kv_cache(B, T + cfg.max_new_tokens, device, dtype)
     generator = None
     if cfg.seed is not None and cfg.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -91,9 +130,9 @@ def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int |
         seen.scatter_(1, prompt, True)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits, _ = model(prompt, kv_cache=cache, start_pos=0)
-    pos = T
+    next_logits = logits[:, -1, :]
+    pos = torch.tensor(T, device=device) if decoder else T
     for _ in range(cfg.max_new_tokens):
-        next_logits = logits[:, -1, :]
         if vocab_limit is not None and vocab_limit < next_logits.size(-1):
             next_logits = next_logits.clone()
             next_logits[:, vocab_limit:] = float("-inf")
@@ -102,12 +141,15 @@ def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int |
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id
         yield token
-        if bool(done.all()):
+        if cfg.stop_at_eos and eos_id is not None and bool(done.all()):
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        logits, _ = model(token[:, None], kv_cache=cache, start_pos=pos)
-        pos += 1
+        if decoder:
+            next_logits = decoder.step(token[:, None], pos)
+        else:
+            next_logits = model(token[:, None], kv_cache=cache, start_pos=pos)[0][:, -1, :]
+        pos = pos + 1
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

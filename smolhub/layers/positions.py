@@ -22,7 +22,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, start_pos: int | torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start_pos, torch.Tensor):  # compiled decoding: a gather keeps the shapes static
+            positions = start_pos + torch.arange(seq_len, device=self.cos.device)
+            return self.cos[positions], self.sin[positions]
         if start_pos + seq_len > self.cos.size(0):
             raise ValueError(f"positions up to {start_pos + seq_len} exceed the RoPE table ({self.cos.size(0)})")
         return self.cos[start_pos:start_pos + seq_len], self.sin[start_pos:start_pos + seq_len]
@@ -45,11 +48,11 @@ class LearnedPositionalEmbedding(nn.Embedding):
     def __init__(self, max_seq_len: int, dim: int):
         super().__init__(max_seq_len, dim)
 
-    def forward(self, start_pos: int, seq_len: int) -> torch.Tensor:
-        if start_pos + seq_len > self.num_embeddings:
+    def forward(self, start_pos: int | torch.Tensor, seq_len: int) -> torch.Tensor:
+        if not isinstance(start_pos, torch.Tensor) and start_pos + seq_len > self.num_embeddings:
             raise ValueError(f"sequence reaches position {start_pos + seq_len}, beyond the "
                              f"{self.num_embeddings} learned positions (the context length)")
-        pos = torch.arange(start_pos, start_pos + seq_len, device=self.weight.device)
+        pos = start_pos + torch.arange(seq_len, device=self.weight.device)
         return super().forward(pos)
 
 

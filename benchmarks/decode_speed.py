@@ -1,0 +1,84 @@
+"""Decode speed on one GPU: SmolHub's KV-cache generation against transformers' generate().
+
+Greedy, bf16 weights, a 64-token prompt, 256 new tokens (EOS ignored so every run makes all 256),
+batch 1 and 16. Warm figures are the median of --repeats calls after one untimed full-length call;
+the first call in the process is reported separately. transformers runs with its default dynamic
+cache and with cache_implementation="static" (which compiles the decode step).
+
+    python benchmarks/decode_speed.py --models StoryLlama --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import pairs
+from smolhub.generate import SamplingConfig, generate_ids
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(fn, tokens: int, repeats: int) -> dict:
+    first = timed(fn)
+    warm = statistics.median(timed(fn) for _ in range(repeats))
+    return {"first_tok_per_s": tokens / first, "tok_per_s": tokens / warm}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(pairs()))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    rows = []
+    for name in args.models:
+        pair = pairs()[name]
+        torch.manual_seed(0)
+        model = pair.build_ours().cuda().to(torch.bfloat16).eval()
+        hf = pair.build_baseline(model.config).cuda().to(torch.bfloat16).eval() if pair.build_baseline else None
+        for batch in args.batches:
+            prompt = torch.randint(0, 1000, (batch, args.prompt_len), device="cuda")
+            n = batch * args.new_tokens
+            cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0)
+            row = {"model": name, "batch": batch,
+                   "ours": measure(lambda: list(generate_ids(model, prompt, cfg)), n, args.repeats)}
+            if hf is not None:
+                for impl in ("dynamic", "static"):
+                    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+                    if impl == "static":
+                        kwargs["cache_implementation"] = "static"
+                    row[f"hf_{impl}"] = measure(lambda: hf.generate(prompt, **kwargs), n, args.repeats)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del model, hf
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"\n{'model':<14}{'B':>4}{'ours':>10}{'(first)':>10}{'hf dyn':>10}{'hf static':>11}{'vs static':>11}")
+    for r in rows:
+        line = f"{r['model']:<14}{r['batch']:>4}{r['ours']['tok_per_s']:>10,.0f}{r['ours']['first_tok_per_s']:>10,.0f}"
+        if "hf_dynamic" in r:
+            line += (f"{r['hf_dynamic']['tok_per_s']:>10,.0f}{r['hf_static']['tok_per_s']:>11,.0f}"
+                     f"{r['ours']['tok_per_s'] / r['hf_static']['tok_per_s']:>10.2f}x")
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Training throughput on one GPU: each SmolHub model against the transformers model of the same shape.
+
+Both sides: bf16 autocast over fp32 weights, fused AdamW, torch.compile, the same random tokens,
+~32k tokens per step in one micro-batch. Reports the median step time over --steps timed steps after
+--warmup steps, tokens/s, MFU (PaLM/nanoGPT estimate: 6 x params + 12 x layers x d_model x T FLOPs
+per token, over --peak_tflops) and peak memory. The ratio ours/baseline is the figure that counts.
+
+    python benchmarks/train_throughput.py --models StoryLlama --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from benchmarks.common import pairs
+
+
+def time_training(model: torch.nn.Module, hf: bool, batch: int, seq_len: int, vocab: int, steps: int,
+                  warmup: int, compile_model: bool) -> dict:
+    model.cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile_model else model
+    g = torch.Generator(device="cuda").manual_seed(0)
+    data = [torch.randint(0, vocab, (batch, seq_len + 1), device="cuda", generator=g) for _ in range(4)]
+
+    def step(i):
+        tokens = data[i % len(data)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if hf:
+                loss = fwd(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            else:
+                _, loss = fwd(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        loss = step(i)
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step(i)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    med = times[len(times) // 2]
+    return {"step_ms": med, "step_ms_spread": [times[0], times[-1]], "tok_per_s": batch * seq_len / med * 1e3,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s, "loss": loss.item()}
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(pairs()))
+    p.add_argument("--tokens_per_step", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--peak_tflops", type=float, default=989.5)
+    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--no_baseline", action="store_true")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for name in args.models:
+        pair = pairs()[name]
+        batch = args.tokens_per_step // pair.seq_len
+        torch.manual_seed(0)
+        model = pair.build_ours()
+        cfg = model.config
+        flops_tok = model.flops_per_token(pair.seq_len)
+        row = {"model": name, "seq_len": pair.seq_len, "batch": batch, "params_M": model.num_params() / 1e6}
+        row["ours"] = time_training(model, False, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
+                                    not args.no_compile)
+        row["ours"]["mfu"] = flops_tok * row["ours"]["tok_per_s"] / (args.peak_tflops * 1e12)
+        del model
+        free()
+        if pair.build_baseline is not None and not args.no_baseline:
+            base = pair.build_baseline(cfg)
+            row["baseline_name"] = pair.baseline_name
+            row["baseline"] = time_training(base, True, batch, pair.seq_len, cfg.vocab_size, args.steps,
+                                            args.warmup, not args.no_compile)
+            row["baseline"]["mfu"] = flops_tok * row["baseline"]["tok_per_s"] / (args.peak_tflops * 1e12)
+            row["ratio"] = row["ours"]["tok_per_s"] / row["baseline"]["tok_per_s"]
+            del base
+            free()
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'model':<16}{'T':>6}{'ours tok/s':>13}{'MFU':>7}{'GiB':>7}   {'baseline':<22}{'tok/s':>10}"
+          f"{'GiB':>7}{'ratio':>8}")
+    for r in results:
+        o, b = r["ours"], r.get("baseline")
+        line = f"{r['model']:<16}{r['seq_len']:>6}{o['tok_per_s']:>13,.0f}{o['mfu']:>7.1%}{o['peak_gib']:>7.1f}"
+        if b:
+            line += f"   {r['baseline_name']:<22}{b['tok_per_s']:>10,.0f}{b['peak_gib']:>7.1f}{r['ratio']:>8.2f}x"
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
