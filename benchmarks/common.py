@@ -36,6 +36,35 @@ def hf_gpt2_like(cfg) -> torch.nn.Module:
         n_head=cfg.n_head, tie_word_embeddings=True, attn_implementation="sdpa"))
 
 
+def hf_mixtral_like(cfg) -> torch.nn.Module:
+    """transformers' balancing loss counts top_k assignments per token, top_k times the Switch loss
+    we use, so its coefficient is ours divided by top_k."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.expert_hidden,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=getattr(cfg, "n_kv_heads", cfg.n_head), max_position_embeddings=cfg.block_size,
+        rope_theta=cfg.rope_theta, sliding_window=getattr(cfg, "sliding_window", None),
+        num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, rms_norm_eps=cfg.norm_eps,
+        router_aux_loss_coef=cfg.aux_loss_weight / cfg.top_k, output_router_logits=True, tie_word_embeddings=True,
+        attn_implementation="sdpa"))
+
+
+def hf_deepseek_like(cfg) -> torch.nn.Module:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    return DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+        moe_intermediate_size=cfg.expert_hidden, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head, n_shared_experts=cfg.n_shared_experts, n_routed_experts=cfg.n_routed_experts,
+        num_experts_per_tok=cfg.top_k, first_k_dense_replace=cfg.first_k_dense, kv_lora_rank=cfg.kv_lora_rank,
+        q_lora_rank=cfg.q_lora_rank or None, qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=cfg.routed_scaling_factor, max_position_embeddings=cfg.block_size,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True, attn_implementation="sdpa"))
+
+
 @dataclass
 class Pair:
     name: str
@@ -47,7 +76,15 @@ class Pair:
 
 def pairs() -> dict[str, Pair]:
     return {
+        "SmolTransformer": Pair("SmolTransformer", 1024, ours("SmolTransformer", 50304), hf_gpt2_like,
+                                "HF GPT2LMHeadModel"),
+        "SmolTransformer-124M": Pair("SmolTransformer-124M", 1024, ours("SmolTransformer", 50304, n_layer=12),
+                                     hf_gpt2_like, "HF GPT2LMHeadModel"),
         "StoryLlama": Pair("StoryLlama", 512, ours("StoryLlama", 50304), hf_llama_like, "HF LlamaForCausalLM"),
+        "SmolMixtral": Pair("SmolMixtral", 1024, ours("SmolMixtral", 32000), hf_mixtral_like, "HF MixtralForCausalLM"),
+        "StoryMixtral": Pair("StoryMixtral", 1024, ours("StoryMixtral", 32000), hf_mixtral_like,
+                             "HF MixtralForCausalLM"),
+        "StoryKimi": Pair("StoryKimi", 512, ours("StoryKimi", 32000), hf_deepseek_like, "HF DeepseekV3ForCausalLM"),
     }
 
 

@@ -5,7 +5,7 @@ batch 1 and 16. Warm figures are the median of --repeats calls after one untimed
 the first call in the process is reported separately. transformers runs with its default dynamic
 cache and with cache_implementation="static" (which compiles the decode step).
 
-    python benchmarks/decode_speed.py --models StoryLlama --json out.json
+    python -m benchmarks.decode_speed --models StoryLlama --json out.json
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def main():
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no_baseline", action="store_true", help="Time SmolHub only.")
     p.add_argument("--json", default="")
     args = p.parse_args()
     rows = []
@@ -49,7 +50,7 @@ def main():
         pair = pairs()[name]
         torch.manual_seed(0)
         model = pair.build_ours().cuda().to(torch.bfloat16).eval()
-        hf = pair.build_baseline(model.config).cuda().to(torch.bfloat16).eval() if pair.build_baseline else None
+        hf = None if args.no_baseline else pair.build_baseline(model.config).cuda().to(torch.bfloat16).eval()
         for batch in args.batches:
             prompt = torch.randint(0, 1000, (batch, args.prompt_len), device="cuda")
             n = batch * args.new_tokens

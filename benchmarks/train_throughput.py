@@ -5,7 +5,7 @@ Both sides: bf16 autocast over fp32 weights, fused AdamW, torch.compile, the sam
 --warmup steps, tokens/s, MFU (PaLM/nanoGPT estimate: 6 x params + 12 x layers x d_model x T FLOPs
 per token, over --peak_tflops) and peak memory. The ratio ours/baseline is the figure that counts.
 
-    python benchmarks/train_throughput.py --models StoryLlama --json out.json
+    python -m benchmarks.train_throughput --models StoryLlama --json out.json
 """
 from __future__ import annotations
 
@@ -64,6 +64,60 @@ def free():
     torch.cuda.empty_cache()
 
 
+def measure_pair(name: str, args) -> dict:
+    pair = pairs()[name]
+    batch = args.tokens_per_step // pair.seq_len
+    torch.manual_seed(0)
+    model = pair.build_ours()
+    cfg = model.config
+    flops_tok = model.flops_per_token(pair.seq_len)
+    row = {"model": name, "seq_len": pair.seq_len, "batch": batch, "params_M": model.num_params() / 1e6}
+    row["ours"] = time_training(model, False, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
+                                not args.no_compile)
+    row["ours"]["mfu"] = flops_tok * row["ours"]["tok_per_s"] / (args.peak_tflops * 1e12)
+    del model
+    free()
+    if pair.build_baseline is not None and not args.no_baseline:
+        base = pair.build_baseline(cfg)
+        row["baseline_name"] = pair.baseline_name
+        row["baseline"] = time_training(base, True, batch, pair.seq_len, cfg.vocab_size, args.steps,
+                                        args.warmup, not args.no_compile)
+        row["baseline"]["mfu"] = flops_tok * row["baseline"]["tok_per_s"] / (args.peak_tflops * 1e12)
+        row["ratio"] = row["ours"]["tok_per_s"] / row["baseline"]["tok_per_s"]
+        del base
+        free()
+    if args.nanogpt_dir and name == "SmolTransformer-124M":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("nanogpt_model", f"{args.nanogpt_dir}/model.py")
+        nano = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nano)
+        gpt = nano.GPT(nano.GPTConfig(block_size=pair.seq_len, vocab_size=cfg.vocab_size))
+        row["nanogpt"] = time_training(gpt, False, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
+                                       not args.no_compile)
+        row["nanogpt"]["mfu"] = flops_tok * row["nanogpt"]["tok_per_s"] / (args.peak_tflops * 1e12)
+        row["ratio_vs_nanogpt"] = row["ours"]["tok_per_s"] / row["nanogpt"]["tok_per_s"]
+        del gpt
+        free()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'model':<16}{'T':>6}{'ours tok/s':>13}{'MFU':>7}{'GiB':>7}   {'baseline':<22}{'tok/s':>10}"
+          f"{'GiB':>7}{'ratio':>8}")
+    for r in results:
+        o, b = r["ours"], r.get("baseline")
+        line = f"{r['model']:<16}{r['seq_len']:>6}{o['tok_per_s']:>13,.0f}{o['mfu']:>7.1%}{o['peak_gib']:>7.1f}"
+        if b:
+            line += f"   {r['baseline_name']:<22}{b['tok_per_s']:>10,.0f}{b['peak_gib']:>7.1f}{r['ratio']:>8.2f}x"
+        print(line)
+        if "nanogpt" in r:
+            n = r["nanogpt"]
+            print(f"{'':<16}{'':>6}{'':>13}{'':>7}{'':>7}   {'nanoGPT GPT':<22}{n['tok_per_s']:>10,.0f}"
+                  f"{n['peak_gib']:>7.1f}{r['ratio_vs_nanogpt']:>8.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(pairs()))
@@ -73,42 +127,19 @@ def main():
     p.add_argument("--peak_tflops", type=float, default=989.5)
     p.add_argument("--no_compile", action="store_true")
     p.add_argument("--no_baseline", action="store_true")
+    p.add_argument("--nanogpt_dir", default="", help="A checkout of karpathy/nanoGPT: adds its GPT (bias=True, "
+                   "as it ships) beside SmolTransformer-124M.")
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     for name in args.models:
-        pair = pairs()[name]
-        batch = args.tokens_per_step // pair.seq_len
-        torch.manual_seed(0)
-        model = pair.build_ours()
-        cfg = model.config
-        flops_tok = model.flops_per_token(pair.seq_len)
-        row = {"model": name, "seq_len": pair.seq_len, "batch": batch, "params_M": model.num_params() / 1e6}
-        row["ours"] = time_training(model, False, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
-                                    not args.no_compile)
-        row["ours"]["mfu"] = flops_tok * row["ours"]["tok_per_s"] / (args.peak_tflops * 1e12)
-        del model
-        free()
-        if pair.build_baseline is not None and not args.no_baseline:
-            base = pair.build_baseline(cfg)
-            row["baseline_name"] = pair.baseline_name
-            row["baseline"] = time_training(base, True, batch, pair.seq_len, cfg.vocab_size, args.steps,
-                                            args.warmup, not args.no_compile)
-            row["baseline"]["mfu"] = flops_tok * row["baseline"]["tok_per_s"] / (args.peak_tflops * 1e12)
-            row["ratio"] = row["ours"]["tok_per_s"] / row["baseline"]["tok_per_s"]
-            del base
+        try:
+            results.append(measure_pair(name, args))
+        except Exception as e:  # one model failing (e.g. a compile error) must not hide the others
+            print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             free()
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\n{'model':<16}{'T':>6}{'ours tok/s':>13}{'MFU':>7}{'GiB':>7}   {'baseline':<22}{'tok/s':>10}"
-          f"{'GiB':>7}{'ratio':>8}")
-    for r in results:
-        o, b = r["ours"], r.get("baseline")
-        line = f"{r['model']:<16}{r['seq_len']:>6}{o['tok_per_s']:>13,.0f}{o['mfu']:>7.1%}{o['peak_gib']:>7.1f}"
-        if b:
-            line += f"   {r['baseline_name']:<22}{b['tok_per_s']:>10,.0f}{b['peak_gib']:>7.1f}{r['ratio']:>8.2f}x"
-        print(line)
+    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

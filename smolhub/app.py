@@ -14,6 +14,7 @@ For a given seed the text equals `smolhub.inference.generate_text` with the same
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -28,7 +29,8 @@ from smolhub.errors import UserError
 from smolhub.generate import SamplingConfig, stream_text
 from smolhub.inference import load_model
 
-EXAMPLES = ("Once upon a time", "One day, a little girl named Lily found", "The dragon looked at the knight and said")
+EXAMPLES = ("Once upon a time", "One day, a little girl named Lily found",
+            "The dragon looked at the knight and said")
 
 # defaults of the sampling controls and of the API's optional arguments
 DEFAULT_MAX_NEW_TOKENS = 200
@@ -49,22 +51,22 @@ def token_limit(models: Sequence, requested: int) -> int:
     return max(1, min([requested] + [m.config.block_size - 1 for m in models]))
 
 
-def _integer(name: str, value) -> int:
-    # API callers send raw JSON, so a number may arrive as 100.0 or as a string
+def _real(name: str, value) -> float:
+    # API callers send raw JSON, so a number may arrive as a string, as null or as NaN
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _integer(name: str, value) -> int:
+    number = _real(name, value)
     if number != int(number):
         raise UserError(f"{name} must be a whole number, got {value!r}")
     return int(number)
-
-
-def _real(name: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
 
 
 def check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
@@ -91,9 +93,27 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_
     return prompt, cfg
 
 
+class Timed:
+    """A text stream that adds up the time spent producing its pieces, so the speed shown is the
+    model's, not including the time the app spends sending each piece to the browser."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self.pieces, self.seconds = pieces, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        start = time.perf_counter()
+        try:
+            return next(self.pieces)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 def speed(model, continuation: str, seconds: float) -> str:
-    # Counted by re-encoding the text: the few tokens that decode to a partial character count as
-    # whatever the text re-encodes to, which is close to, not exactly, the number sampled.
+    # stream_text yields text, not tokens, so the count comes from re-encoding the text: close to
+    # the number sampled for a trained model, higher for one whose output is not valid UTF-8
     n = len(model.tokenizer.encode(continuation, add_special_tokens=False))
     return f"{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s"
 
@@ -132,7 +152,7 @@ def _sampling_controls(max_new_tokens: int) -> list[gr.components.Component]:
             top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", info="1 = off")
             penalty = gr.Slider(0.5, 2.0, value=DEFAULT_REPETITION_PENALTY, step=0.05,
                                 label="Repetition penalty", info="1 = off")
-            seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 = random")
+            seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 = random", elem_id="seed")
     return [tokens, temperature, top_k, top_p, penalty, seed]
 
 
@@ -145,17 +165,23 @@ def build_app(model, title: str, max_prompt_chars: int = 2000, max_new_tokens_li
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
-            start, text = time.perf_counter(), prompt
-            for piece in stream_text(model, model.tokenizer, prompt, cfg):
+            pieces = Timed(stream_text(model, model.tokenizer, prompt, cfg))
+            text, status = prompt, "Generating..."
+            for piece in pieces:
                 text += piece
-                yield text, "generating..."
+                # the status goes out once: a piece still in flight when Stop is pressed must not
+                # overwrite "Stopped."
+                yield text, status
+                status = gr.skip()
         except UserError as e:
-            raise gr.Error(str(e)) from None
-        yield text, f"{speed(model, text[len(prompt):], time.perf_counter() - start)}, seed {cfg.seed}"
+            # a user mistake: show it in the page, keep the server log for real failures
+            raise gr.Error(str(e), print_exception=False) from None
+        yield text, f"{speed(model, text[len(prompt):], pieces.seconds)}, seed {cfg.seed}"
 
     def generate(prompt: str, max_new_tokens: int = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens),
-                 temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P,
-                 repetition_penalty: float = DEFAULT_REPETITION_PENALTY, seed: int = -1) -> Iterator[str]:
+                 temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K,
+                 top_p: float = DEFAULT_TOP_P, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+                 seed: int = -1) -> Iterator[str]:
         """The prompt followed by its continuation, streamed; the last value is the whole text."""
         for text, _ in stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
             yield text
@@ -164,21 +190,23 @@ def build_app(model, title: str, max_prompt_chars: int = 2000, max_new_tokens_li
         gr.Markdown(f"# {title}")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Once upon a time")
+                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Once upon a time", elem_id="prompt")
                 controls = _sampling_controls(limits.max_new_tokens)
                 with gr.Row():
-                    run = gr.Button("Generate", variant="primary")
-                    stop = gr.Button("Stop", variant="stop")
-                output = gr.Textbox(label="Output", lines=12, interactive=False)
-                stats = gr.Markdown()
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output")
+                stats = gr.Markdown(elem_id="stats")
                 gr.Examples([[e] for e in examples], inputs=[prompt])
             with gr.Column(scale=1):
                 gr.Markdown("### Model card")
-                gr.Markdown(model_card(model))
-        # the browser's button streams text and speed; API clients get the text alone, from `generate`
-        event = run.click(stream, [prompt, *controls], [output, stats], api_visibility="private")
-        stop.click(None, cancels=[event])
-        gr.api(generate, api_name="generate")
+                gr.Markdown(model_card(model), elem_id="model-card")
+        # the browser's button streams text and speed; API clients get the text alone, from `generate`.
+        # Both draw on one concurrency budget, so --concurrency bounds the generations running at once.
+        event = run.click(stream, [prompt, *controls], [output, stats], api_visibility="private",
+                          concurrency_id="generate")
+        stop.click(lambda: "Stopped.", None, stats, cancels=[event], queue=False, api_visibility="private")
+        gr.api(generate, api_name="generate", concurrency_id="generate")
     return demo
 
 
@@ -192,45 +220,43 @@ def build_compare_app(models: Sequence, max_prompt_chars: int = 2000, max_new_to
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
-            streams = [stream_text(m, m.tokenizer, prompt, cfg) for m in models]
-            texts, stats, seconds = [prompt] * n, ["generating..."] * n, [0.0] * n
-            # one piece from each model in turn, so all outputs grow together; each model's speed
-            # counts only the time spent in its own steps
-            while any(s is not None for s in streams):
-                for i, s in enumerate(streams):
-                    if s is None:
-                        continue
-                    start = time.perf_counter()
-                    piece = next(s, None)
-                    seconds[i] += time.perf_counter() - start
+            streams = [Timed(stream_text(m, m.tokenizer, prompt, cfg)) for m in models]
+            texts, stats, sent, running = [prompt] * n, ["Generating..."] * n, [None] * n, set(range(n))
+            # one piece from each model in turn, so all outputs grow together
+            while running:
+                for i in sorted(running):
+                    piece = next(streams[i], None)
                     if piece is None:
-                        streams[i] = None
-                        stats[i] = speed(models[i], texts[i][len(prompt):], seconds[i])
+                        running.discard(i)
+                        made = speed(models[i], texts[i][len(prompt):], streams[i].seconds)
+                        stats[i] = f"{made}, seed {cfg.seed}"
                     else:
                         texts[i] += piece
-                yield *texts, *stats
+                # a status goes out only when it changes, as in build_app
+                yield *texts, *[gr.skip() if s == old else s for s, old in zip(stats, sent)]
+                sent = list(stats)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(str(e), print_exception=False) from None
 
     with gr.Blocks(title="SmolHub comparison") as demo:
         gr.Markdown("# SmolHub comparison")
-        prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Once upon a time")
+        prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Once upon a time", elem_id="prompt")
         controls = _sampling_controls(limits.max_new_tokens)
         with gr.Row():
-            run = gr.Button("Generate", variant="primary")
-            stop = gr.Button("Stop", variant="stop")
+            run = gr.Button("Generate", variant="primary", elem_id="generate")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
         gr.Examples([[e] for e in examples], inputs=[prompt])
         outputs, stats = [], []
         with gr.Row():
-            for model in models:
+            for i, model in enumerate(models):
                 with gr.Column():
                     gr.Markdown(f"### {model.architecture}\n`{model.checkpoint_path}`")
-                    outputs.append(gr.Textbox(label="Output", lines=12, interactive=False))
-                    stats.append(gr.Markdown())
+                    outputs.append(gr.Textbox(label="Output", lines=12, interactive=False, elem_id=f"output-{i}"))
+                    stats.append(gr.Markdown(elem_id=f"stats-{i}"))
                     with gr.Accordion("Model card", open=False):
                         gr.Markdown(model_card(model))
         event = run.click(compare, [prompt, *controls], outputs + stats, api_name="compare")
-        stop.click(None, cancels=[event])
+        stop.click(lambda: ["Stopped."] * n, None, stats, cancels=[event], queue=False, api_visibility="private")
     return demo
 
 
@@ -247,7 +273,7 @@ class ServeArgs:
     device: str = option("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N.")
     max_new_tokens_limit: int = option(512, "Most tokens one request may generate (capped by the context).")
     max_prompt_chars: int = option(2000, "Longest prompt accepted, in characters.")
-    concurrency: int = option(4, "Requests generated at once; the rest wait in the queue.")
+    concurrency: int = option(1, "Requests generated at once; the rest wait in the queue.")
 
     def __post_init__(self) -> None:
         for name in ["max_new_tokens_limit", "max_prompt_chars", "concurrency"]:
@@ -282,7 +308,7 @@ def compare_main(argv: list[str] | None = None) -> None:
     # --checkpoints takes several values, which parse_cli's type checks do not handle; it is split
     # off here and the serving flags go through parse_cli like every other script's
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--checkpoints", nargs="+", default=[])
+    pre.add_argument("--checkpoints", nargs="*", default=[])
     known, rest = pre.parse_known_args(argv)
     (args,) = parse_cli((ServeArgs,), {}, rest, prog="python -m smolhub.app compare",
                         description="Compare checkpoints side by side. --checkpoints A B [...] (required): "

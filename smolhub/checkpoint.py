@@ -36,18 +36,19 @@ def is_checkpoint(folder: Path) -> bool:
     return folder.is_dir() and all((folder / f).is_file() for f in REQUIRED_FILES)
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in out_dir, oldest first."""
+def list_checkpoints(out_dir: str | Path, resumable: bool = True) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first; with resumable, only those holding trainer state."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in out_dir.iterdir()
-             if (m := CKPT_PATTERN.match(p.name)) and is_checkpoint(p) and (p / "trainer_state.pt").is_file()]
+             if (m := CKPT_PATTERN.match(p.name)) and is_checkpoint(p)
+             and (not resumable or (p / "trainer_state.pt").is_file())]
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(out_dir)
+def latest_checkpoint(out_dir: str | Path, resumable: bool = True) -> Path | None:
+    ckpts = list_checkpoints(out_dir, resumable)
     return ckpts[-1] if ckpts else None
 
 
@@ -94,7 +95,7 @@ def resolve_checkpoint(path_or_repo: str) -> Path:
     if p.exists():
         if is_checkpoint(p):
             return p
-        newest = latest_checkpoint(p)
+        newest = latest_checkpoint(p, resumable=False)
         if newest is not None:
             return newest
         raise UserError(f"{path_or_repo} is not a SmolHub checkpoint (no config.json + model.safetensors, "

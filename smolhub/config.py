@@ -83,6 +83,8 @@ class TrainConfig:
     val_fraction: float = option(0.01, "Fraction of the tokens held out for validation when there is no split.")
     max_tokens: int = option(0, "Cap on the training tokens prepared (0 = all).")
     data_dir: str = option("data_cache", "Where tokenised shards and trained tokenizers are cached.")
+    num_proc: int = option(1, "Processes that tokenise the data in parallel when preparing it (same tokens "
+                           "for any number).")
     tokenizer: str = option("", "gpt2 | bpe | a folder with a saved tokenizer or GPT-2 vocab.json+merges.txt; "
                             "empty = the model's default.")
     bpe_vocab_size: int = option(32000, "Vocabulary size when --tokenizer bpe trains one on the corpus.")
@@ -97,9 +99,15 @@ class TrainConfig:
     schedule: Literal["cosine", "cosine_restarts", "constant"] = option(
         "cosine", "Learning-rate schedule after warmup.")
     restart_period: int = option(1000, "Steps per cycle of --schedule cosine_restarts.")
-    weight_decay: float = option(0.1, "AdamW weight decay, applied to 2-D weights only.")
+    weight_decay: float = option(0.1, "Weight decay (AdamW's, and Muon's with --optimizer muon), applied to "
+                                 "weight matrices and embeddings only.")
     beta1: float = option(0.9, "AdamW beta1.")
     beta2: float = option(0.95, "AdamW beta2.")
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw", "adamw: AdamW for everything. muon: Muon for the hidden weight matrices (3-D expert stacks "
+        "per expert matrix), AdamW for embeddings, the output head, norms and biases.")
+    muon_lr: float = option(0.0, "Peak learning rate of the Muon parameters with --optimizer muon; 0 = --lr. "
+                            "Muon's updates are scaled to AdamW's RMS (Moonlight), so one rate can serve both.")
     grad_clip: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).")
     seq_len_stages: str = option("", "Progressive sequence length: comma-separated lengths, each dividing "
                                  "block_size, trained for equal shares of the steps before the full context "
@@ -131,7 +139,8 @@ class TrainConfig:
     init_from: str = option("", "Start from the weights of this checkpoint (folder or Hub id), fresh optimizer.")
 
     def __post_init__(self) -> None:
-        for name in ["batch_size", "max_steps", "eval_batches", "log_interval", "eval_interval", "save_interval"]:
+        for name in ["batch_size", "max_steps", "eval_batches", "log_interval", "eval_interval", "save_interval",
+                     "num_proc"]:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ["warmup_steps", "tokens_per_step", "sample_interval", "keep_last", "max_tokens"]:
@@ -141,6 +150,10 @@ class TrainConfig:
             raise UserError(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= --min_lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.muon_lr < 0:
+            raise UserError(f"--muon_lr must be >= 0 (0 = --lr), got {self.muon_lr}")
+        if self.muon_lr and self.optimizer != "muon":
+            raise UserError("--muon_lr sets Muon's learning rate: use it with --optimizer muon")
         if self.restart_period <= 0:
             raise UserError(f"--restart_period must be positive, got {self.restart_period}")
         if self.resume and self.init_from:
@@ -236,7 +249,11 @@ def check_types(obj: Any) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, hint = getattr(obj, f.name), hints[f.name]
-        if typing.get_origin(hint) is Literal:
+        if typing.get_origin(hint) is list:
+            (item,) = typing.get_args(hint)
+            ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
+            expected = f"a list of {item.__name__}"
+        elif typing.get_origin(hint) is Literal:
             ok = value in typing.get_args(hint)
             expected = " | ".join(map(str, typing.get_args(hint)))
         elif hint is float:

@@ -6,13 +6,14 @@ the context: a prompt too long for max_new_tokens is cropped from the left, keep
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from smolhub.errors import UserError
-from smolhub.layers import KVCache
+from smolhub.layers import KVCache, SlidingWindowKVCache
 
 
 @dataclass
@@ -77,8 +78,11 @@ class CompiledDecoder:
     replaying one captured graph per token is what makes batch-1 decoding fast. The decoder and its
     cache are kept on the model and reused by later calls, so only the first call compiles."""
 
+    _create_lock = threading.Lock()
+
     def __init__(self, model, batch_size: int, device: torch.device, dtype: torch.dtype):
         self.model = model
+        self.in_use = threading.Lock()  # one generation at a time owns the static cache
         self.cache = model.make_kv_cache(batch_size, model.config.block_size, device, dtype)
         for layer in self.cache:
             torch._dynamo.mark_static_address(layer.k)
@@ -91,19 +95,24 @@ class CompiledDecoder:
 
     @staticmethod
     def usable(model, device: torch.device) -> bool:
-        """CUDA only, and only for models whose caches take tensor positions (plain KVCache layers)."""
-        if device.type != "cuda" or getattr(model, "compiled_decode_failed", False):
+        """CUDA only, and only for models whose caches take tensor positions (the full and the
+        sliding-window KV caches; StoryKimi's latent cache does not)."""
+        if device.type != "cuda":
             return False
-        probe = model.make_kv_cache(1, 1, "meta", torch.float32)
-        return all(type(layer) is KVCache for layer in probe)
+        probe = model.make_kv_cache(1, model.config.block_size, "meta", torch.float32)
+        return all(type(layer) in (KVCache, SlidingWindowKVCache) for layer in probe)
 
     @classmethod
-    def for_model(cls, model, batch_size: int, device: torch.device, dtype: torch.dtype) -> "CompiledDecoder":
-        decoders = model.__dict__.setdefault("_compiled_decoders", {})
-        key = (batch_size, device, dtype)
-        if key not in decoders:
-            decoders[key] = cls(model, batch_size, device, dtype)
-        return decoders[key]
+    def acquire(cls, model, batch_size: int, device: torch.device, dtype: torch.dtype) -> "CompiledDecoder | None":
+        """The model's decoder for this batch size, locked for the caller; None while another
+        generation (a concurrent request in the demo app, say) is using it."""
+        with cls._create_lock:
+            decoders = model.__dict__.setdefault("_compiled_decoders", {})
+            key = (batch_size, device, dtype)
+            if key not in decoders:
+                decoders[key] = cls(model, batch_size, device, dtype)
+        decoder = decoders[key]
+        return decoder if decoder.in_use.acquire(blocking=False) else None
 
 
 @torch.inference_mode()
@@ -116,10 +125,21 @@ def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int |
         raise UserError("the prompt is empty: give at least one token of text")
     block_size = model.config.block_size
     prompt = prompt[:, -fit_to_context(prompt.size(1), cfg.max_new_tokens, block_size):]
+    decoder = None
+    if CompiledDecoder.usable(model, prompt.device):
+        decoder = CompiledDecoder.acquire(model, prompt.size(0), prompt.device, next(model.parameters()).dtype)
+    try:
+        yield from _decode(model, prompt, cfg, eos_id, vocab_limit, decoder)
+    finally:
+        if decoder is not None:
+            decoder.in_use.release()
+
+
+def _decode(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None, vocab_limit: int | None,
+            decoder: CompiledDecoder | None) -> Iterator[torch.Tensor]:
     B, T = prompt.shape
     device = prompt.device
     dtype = next(model.parameters()).dtype
-    decoder = CompiledDecoder.for_model(model, B, device, dtype) if CompiledDecoder.usable(model, device) else None
     cache = decoder.cache if decoder else model.make_kv_cache(B, T + cfg.max_new_tokens, device, dtype)
     generator = None
     if cfg.seed is not None and cfg.temperature > 0:

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from smolhub.config import ModelConfig
 from smolhub.errors import UserError
-from smolhub.layers import KVCache
+from smolhub.layers import GroupedExperts, KVCache, SlidingWindowKVCache
 
 ARCHITECTURES = ("SmolTransformer", "StoryLlama", "SmolMixtral", "StoryMixtral", "StoryKimi")
 
@@ -57,6 +57,8 @@ class CausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, GroupedExperts):  # stacked expert weights, not nn.Linear
+                module.reset_parameters(std, 1 / math.sqrt(2 * self.config.n_layer))
         if self.config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
@@ -89,9 +91,14 @@ class CausalLM(nn.Module):
         """Hook for state updated outside the gradient (aux-loss-free balancing biases, for instance)."""
 
     # --- inference ----------------------------------------------------------------------------
-    def make_kv_cache(self, batch_size: int, max_len: int, device, dtype) -> list[KVCache]:
+    def make_kv_cache(self, batch_size: int, max_len: int, device, dtype) -> list[KVCache | SlidingWindowKVCache]:
+        """One cache per layer; a model with a `sliding_window` config field (> 0) keeps only that window."""
         cfg = self.config
         n_kv = getattr(cfg, "n_kv_heads", cfg.n_head)
+        window = getattr(cfg, "sliding_window", 0)
+        if 0 < window < max_len:
+            return [SlidingWindowKVCache(batch_size, n_kv, window, cfg.head_dim, device, dtype)
+                    for _ in range(cfg.n_layer)]
         return [KVCache(batch_size, n_kv, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.n_layer)]
 
     # --- accounting ---------------------------------------------------------------------------

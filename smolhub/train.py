@@ -179,8 +179,8 @@ def train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: str
 
 
 def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: str, rt: Runtime) -> dict:
-    from smolhub.data import PackedLoader, iter_documents, prepare_dataset
-    from smolhub.tokenizer import build_tokenizer, load_tokenizer
+    from smolhub.data import PackedLoader, training_data, training_tokenizer
+    from smolhub.tokenizer import load_tokenizer
 
     arch = model_cls.__name__
     out_dir = Path(cfg.out_dir or f"out/{arch}")
@@ -200,12 +200,8 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
     elif base is not None:
         tokenizer = base.tokenizer
     else:
-        tokenizer = on_main_first(rt, lambda: build_tokenizer(
-            cfg.tokenizer or default_tokenizer, texts=lambda: iter_documents(cfg.dataset),
-            bpe_vocab_size=cfg.bpe_vocab_size, cache_dir=cfg.data_dir, cache_key=cfg.dataset))
-    data = on_main_first(rt, lambda: prepare_dataset(
-        cfg.dataset, tokenizer, cfg.data_dir, val_dataset=cfg.val_dataset or None,
-        val_fraction=cfg.val_fraction, max_tokens=cfg.max_tokens or None))
+        tokenizer = on_main_first(rt, lambda: training_tokenizer(cfg, default_tokenizer))
+    data = on_main_first(rt, lambda: training_data(cfg, tokenizer))
 
     # model
     if resume_from is not None or base is not None:

@@ -1,1 +1,8 @@
-"""SmolHub on the Hugging Face Hub: download (and upload) checkpoints."""
+"""SmolHub on the Hugging Face Hub: push and pull checkpoints, export to (and import from) transformers.
+
+    python -m smolhub_hub push | pull | export | import   (see `--help` of each)
+
+hub.py moves checkpoints, card.py writes the model card, export.py drives the conversions that the
+convert_<family>.py modules define, and configuration_smolhub.py / modeling_smolhub.py are the
+self-contained modelling code copied into exports of architectures transformers has no class for.
+"""

@@ -38,10 +38,12 @@ def test_gpt2_saved_folder_and_build_tokenizer_agree(gpt2, tmp_path):
     for tok in (gpt2_tokenizer(str(tmp_path)), load_tokenizer(tmp_path), build_tokenizer(
             str(tmp_path), texts=lambda: [], bpe_vocab_size=0, cache_dir=str(tmp_path / "c"))):
         assert tok("Hello world")["input_ids"] == [15496, 995]
+        assert tok.decode(tok(TRICKY)["input_ids"]) == TRICKY
         assert tok.eos_token_id == 50256
         assert tok.model_max_length == MODEL_MAX_LENGTH
         assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(gpt2)
-    assert build_tokenizer(str(GPT2), lambda: [], 0, str(tmp_path / "c"))("Hello world")["input_ids"] == [15496, 995]
+    from_vocab = build_tokenizer(str(GPT2), lambda: [], 0, str(tmp_path / "c"))
+    assert from_vocab("Hello world")["input_ids"] == [15496, 995]
 
 
 def test_unreachable_hub_tokenizer_is_a_fast_user_error():

@@ -98,10 +98,14 @@ def test_kill_during_checkpointing_never_leaves_a_loadable_partial(tmp_path):
     out = tmp_path / "out"
     args = tiny_train_args(out, data, "--max_steps", "200", "--save_interval", "1", "--keep_last", "2")
     run_script(tiny_train_args(tmp_path / "warm", data, "--max_steps", "1"), LLAMA, tmp_path)  # cache the data
-    for delay in (3.0, 3.7, 4.4):
-        proc = subprocess.Popen([sys.executable, *args, *(["--resume"] if latest_checkpoint(out) else [])],
+    for delay in (0.05, 0.13, 0.29):  # kill at varying points of the save-every-step cycle
+        before = latest_checkpoint(out)
+        proc = subprocess.Popen([sys.executable, *args, *(["--resume"] if before else [])],
                                 cwd=LLAMA, env=script_env(tmp_path), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while latest_checkpoint(out) == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

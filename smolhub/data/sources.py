@@ -15,8 +15,6 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import datasets
-import pyarrow
 
 from smolhub.data.synthetic import synthetic_stories
 from smolhub.errors import UserError
@@ -26,12 +24,13 @@ HUB_DATASETS = {  # name: (Hub repo, config, validation split or None)
     "tinystories": ("roneneldan/TinyStories", None, "validation"),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", None),
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT", None),
+    "openwebtext": ("Skylion007/openwebtext", None, None),
 }
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SYNTHETIC = {"train": (20_000, 0), "validation": (2_000, 1)}  # split: (stories, seed)
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 _VAL_FILE = re.compile(r"^(val|valid|validation)([-_.]|$)", re.IGNORECASE)
-_DATASET_HINT = "--dataset takes tinystories, tinyshakespeare, synthetic, or a path to a .txt/.jsonl/.json/.parquet file (optionally .gz) or a folder of them"
+_DATASET_HINT = "--dataset takes tinystories, fineweb-edu, fineweb, openwebtext, tinyshakespeare, synthetic, or a path to a .txt/.jsonl/.json/.parquet file (optionally .gz) or a folder of them"
 
 
 def default_cache_dir() -> str:
@@ -105,6 +104,9 @@ def _txt_documents(path: Path) -> Iterator[str]:
 
 
 def _table_documents(path: Path) -> Iterator[str]:
+    import datasets  # imported where used: plain-text training needs neither it nor pyarrow
+    import pyarrow
+
     builder = "parquet" if _format(path) == ".parquet" else "json"
     try:
         for row in datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True):
@@ -128,11 +130,19 @@ def _hub_documents(name: str, split: str) -> Iterator[str]:
     if not hub_reachable():
         raise UserError(f"cannot reach the Hugging Face Hub to stream {repo} "
                         f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}): {hint}")
+    import datasets
+
     try:
         rows = datasets.load_dataset(repo, config, split=val_split if split == "validation" else "train",
                                      streaming=True)
     except ConnectionError as e:
         raise UserError(f"cannot stream {repo} from the Hugging Face Hub ({e}): {hint}") from None
+    except RuntimeError as e:
+        if "Dataset scripts are no longer supported" not in str(e):
+            raise
+        # datasets >= 4 refuses repos that still ship a loading script (openwebtext did in 2025)
+        raise UserError(f"{repo} is a script-based dataset, which datasets {datasets.__version__} cannot "
+                        f"stream: {hint}") from None
     return (row["text"] for row in rows)
 
 

@@ -1,6 +1,15 @@
 """Building blocks shared by the five models."""
-from smolhub.layers.attention import CausalSelfAttention, KVCache, attend, causal_mask
+from smolhub.layers.attention import CausalSelfAttention, KVCache, SlidingWindowKVCache, attend, causal_mask
 from smolhub.layers.feedforward import GeluMLP, SwiGLU
+from smolhub.layers.moe import (
+    GroupedExperts,
+    MoEFeedForward,
+    NoisyTopKRouter,
+    SoftmaxTopKRouter,
+    inactive_expert_params,
+    moe_aux_loss,
+    moe_metrics,
+)
 from smolhub.layers.norms import LayerNorm, RMSNorm
 from smolhub.layers.positions import (
     LearnedPositionalEmbedding,
@@ -11,5 +20,8 @@ from smolhub.layers.positions import (
 
 __all__ = [
     "CausalSelfAttention", "KVCache", "attend", "causal_mask", "GeluMLP", "SwiGLU", "LayerNorm", "RMSNorm",
+    "SlidingWindowKVCache",
     "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEmbedding", "apply_rotary",
+    "GroupedExperts", "MoEFeedForward", "NoisyTopKRouter", "SoftmaxTopKRouter", "moe_aux_loss", "moe_metrics",
+    "inactive_expert_params",
 ]

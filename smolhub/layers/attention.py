@@ -1,4 +1,5 @@
-"""Causal self-attention (MHA / GQA / MQA by `n_kv_heads`) through scaled_dot_product_attention."""
+"""Causal self-attention (MHA / GQA / MQA by `n_kv_heads`) through scaled_dot_product_attention,
+optionally restricted to a sliding window (FlexAttention on CUDA)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,8 +22,16 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.size(2)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v for positions [start_pos, start_pos + T) and return all keys/values so far."""
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v for positions [start_pos, start_pos + T) and return all keys/values so far.
+
+        With start_pos a device tensor (compiled CUDA-graph decoding, where shapes must not change)
+        the whole buffer is returned and `attend` masks the positions not yet written."""
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(k.size(2), device=k.device)
+            self.k.index_copy_(2, positions, k)
+            self.v.index_copy_(2, positions, v)
+            return self.k, self.v
         end = start_pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
@@ -31,25 +40,126 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def causal_mask(q_len: int, k_len: int, start_pos: int, device) -> torch.Tensor:
+class SlidingWindowKVCache:
+    """Keys/values of one layer's last `window` positions, in a ring buffer (slot = position % window).
+
+    A windowed layer never looks further back, so memory stays (batch, n_kv_heads, window, head_dim)
+    however long the generation. Positions are written in order from 0, as generation does, so slot
+    s holds the newest position congruent to s: `key_positions` derives every key's position from
+    start_pos alone, with no position state to mutate (which keeps decode steps CUDA-graph friendly).
+    Keys are cached after RoPE, at their absolute positions, so their order in the buffer does not matter.
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, window: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch_size, n_kv_heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def window(self) -> int:
+        return self.k.size(2)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor,
+               start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v of positions [start_pos, start_pos + T); return the keys/values those queries may need.
+
+        One token at a time (decoding) keeps every shape static, start_pos a device tensor included."""
+        T = k.size(2)
+        if T == 1:  # the overwritten slot held start_pos - window, outside the query's window
+            slot = torch.as_tensor(start_pos, device=self.k.device).view(1) % self.window
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            return self.k, self.v
+        # a chunk: its first queries may still need keys that its last positions evict, so attend to
+        # the old buffer and the chunk together, then keep the newest `window` positions
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        keep = min(T, self.window)
+        slots = torch.arange(start_pos + T - keep, start_pos + T, device=self.k.device) % self.window
+        self.k[:, :, slots], self.v[:, :, slots] = k[:, :, -keep:], v[:, :, -keep:]
+        return keys, values
+
+    def key_positions(self, start_pos: int | torch.Tensor, q_len: int) -> torch.Tensor:
+        """Absolute position of each key `update` returned for these queries; negative = an empty slot."""
+        slots = torch.arange(self.window, device=self.k.device)
+        if q_len == 1:  # the ring right after writing start_pos
+            return start_pos - (start_pos - slots) % self.window
+        last = start_pos - 1  # the ring before the chunk, then the chunk
+        return torch.cat([last - (last - slots) % self.window, start_pos + torch.arange(q_len, device=slots.device)])
+
+
+def causal_mask(q_len: int, k_len: int, start_pos: int | torch.Tensor, device) -> torch.Tensor:
     """Boolean (q_len, k_len) mask, True where query at start_pos + i may see key j (j <= start_pos + i)."""
-    q_pos = torch.arange(start_pos, start_pos + q_len, device=device)[:, None]
+    q_pos = (start_pos + torch.arange(q_len, device=device))[:, None]
     return torch.arange(k_len, device=device)[None, :] <= q_pos
 
 
+def window_mask(q_len: int, start_pos: int | torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (q_len, len(key_pos)) mask: query at position p sees key at position s iff
+    0 <= s <= p and p - s < window (the window counts the query itself)."""
+    q_pos = (start_pos + torch.arange(q_len, device=key_pos.device))[:, None]
+    visible = (key_pos >= 0) & (key_pos <= q_pos)
+    return visible if window is None else visible & (q_pos - key_pos < window)
+
+
+_block_masks: dict = {}
+_compiled_flex = None
+
+
+def _sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                         scale: float | None) -> torch.Tensor:
+    """FlexAttention over a fresh sequence with a block-sparse sliding-window mask: blocks entirely
+    outside the window are skipped, so the cost grows with T * window instead of T^2."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+
+    def sliding_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    T = q.size(2)
+    gqa = q.size(1) != k.size(1)
+    if torch.compiler.is_compiling():  # traced into the model's graph: built there, and fused
+        block_mask = create_block_mask(sliding_causal, None, None, T, T, device=q.device)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    key = (T, window, q.device)
+    if key not in _block_masks:
+        _block_masks[key] = create_block_mask(sliding_causal, None, None, T, T, device=q.device)
+    if _compiled_flex is None:  # eager flex_attention is an unfused reference; compiled it is one kernel
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=_block_masks[key], scale=scale, enable_gqa=gqa)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, dropout_p: float = 0.0,
-           scale: float | None = None) -> torch.Tensor:
-    """Causal SDPA for queries at positions start_pos.. over keys at positions 0.. .
+           scale: float | None = None, window: int | None = None,
+           key_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA for queries at positions start_pos.. over keys at positions 0.. (or `key_pos`).
 
     The three cases keep the fast kernels where possible: a fresh sequence uses is_causal, one new
     token sees every cached key (no mask), and only a chunk appended to a cache needs a mask.
+    With a sliding `window`, a query sees only the last `window` positions up to itself: FlexAttention
+    trains it on CUDA, a boolean mask on CPU (FlexAttention has no CPU backward) and in decoding.
     """
     q_len, k_len = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
-    if q_len == k_len:
+    if window is not None and key_pos is None and k_len <= window:
+        window = None  # no key is ever out of reach: plain causal attention and its fastest kernels
+    if window is not None or key_pos is not None:
+        # FlexAttention sends fewer than 128 queries to its decoding kernel, which does not compile
+        # for this mask on torch 2.11 (NoValidChoicesError); short sequences take the SDPA mask
+        if q.is_cuda and key_pos is None and q_len == k_len >= 128 and dropout_p == 0.0:
+            return _sliding_window_flex(q, k, v, window, scale)
+        if key_pos is None:
+            key_pos = torch.arange(k_len, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(q_len, start_pos, key_pos, window),
+                                              dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    if isinstance(start_pos, torch.Tensor):  # a static-shape decode step over the whole cache buffer
+        mask = causal_mask(q_len, k_len, start_pos, q.device)
+    elif q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
-    mask = None if q_len == 1 else causal_mask(q_len, k_len, start_pos, q.device)
+    else:
+        mask = None if q_len == 1 else causal_mask(q_len, k_len, start_pos, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=gqa)
 
@@ -58,15 +168,19 @@ class CausalSelfAttention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads shared by groups of query heads.
 
     n_kv_heads == n_head is MHA, 1 is MQA, anything dividing n_head in between is GQA. q, k and v
-    come from one fused projection; RoPE is applied when the caller passes (cos, sin).
+    come from one fused projection; RoPE is applied when the caller passes (cos, sin). A `window`
+    limits each query to the last `window` positions, itself included (Mistral's sliding window).
     """
 
     def __init__(self, dim: int, n_head: int, n_kv_heads: int | None = None, bias: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, window: int | None = None):
         super().__init__()
         n_kv_heads = n_kv_heads or n_head
         if n_head % n_kv_heads:
             raise ValueError(f"n_head ({n_head}) must be divisible by n_kv_heads ({n_kv_heads})")
+        if window is not None and window <= 0:
+            raise ValueError(f"the attention window must be positive, got {window}")
+        self.window = window
         self.n_head, self.n_kv_heads, self.head_dim = n_head, n_kv_heads, dim // n_head
         self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.out = nn.Linear(n_head * self.head_dim, dim, bias=bias)
@@ -75,7 +189,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
@@ -86,6 +200,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)
-        y = attend(q, k, v, start_pos, dropout_p=self.dropout if self.training else 0.0)
+        key_pos = kv_cache.key_positions(start_pos, T) if isinstance(kv_cache, SlidingWindowKVCache) else None
+        y = attend(q, k, v, start_pos, dropout_p=self.dropout if self.training else 0.0, window=self.window,
+                   key_pos=key_pos)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.out(y))

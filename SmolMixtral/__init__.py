@@ -1,0 +1,1 @@
+"""SmolMixtral: a compact sparse mixture-of-experts decoder (8 SwiGLU experts, top-2, noisy routing)."""

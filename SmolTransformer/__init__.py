@@ -1,0 +1,1 @@
+"""SmolTransformer: a classic GPT decoder (learned positions, multi-head attention, GELU MLP) for web text."""

@@ -1,0 +1,17 @@
+"""Generate with a trained SmolTransformer.
+
+    python inference.py --checkpoint out/SmolTransformer --prompt "The history of science" --temperature 0.8 --top_p 0.9
+
+From Python, inside this folder (any SmolHub checkpoint loads the same way):
+
+    from inference import load_model, generate_text
+    model = load_model("out/SmolTransformer")
+    print(generate_text(model=model, prompt="The history of science", max_length=100, temperature=0.7))
+"""
+from smolhub.cli import run_main
+from smolhub.inference import generate_text, load_model, main
+
+__all__ = ["load_model", "generate_text", "main"]
+
+if __name__ == "__main__":
+    run_main(main)

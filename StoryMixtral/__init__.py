@@ -1,0 +1,1 @@
+"""StoryMixtral: the Mixtral architecture (sparse MoE, GQA, sliding-window attention) for story generation."""

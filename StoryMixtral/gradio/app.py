@@ -1,0 +1,9 @@
+"""StoryMixtral's web demo: streamed generation, sampling controls, a model card and a /generate API.
+
+    python gradio/app.py --checkpoint out/StoryMixtral
+"""
+from smolhub.app import main
+from smolhub.cli import run_main
+
+if __name__ == "__main__":
+    run_main(lambda argv: main("StoryMixtral", argv))

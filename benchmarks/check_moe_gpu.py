@@ -1,0 +1,302 @@
+"""Check the MoE and sliding-window layers on a CUDA GPU (a script for an H100, not a test).
+
+    PYTHONPATH=. python benchmarks/check_moe_gpu.py             # layers only, ~2 min
+    PYTHONPATH=. python benchmarks/check_moe_gpu.py --models    # + both full models under torch.compile
+
+1. grouped == loop: the grouped-GEMM experts against the per-expert loop, forward and every
+   gradient, in bf16 autocast over fp32 weights (the training setting);
+2. graph breaks: torch._dynamo.explain and torch.compile(fullgraph=True) on the MoE layer in
+   training mode (router, aux losses, grouped experts), and the compiled result against eager;
+3. speed: forward + backward of the MoE layer, loop vs grouped, eager vs compiled;
+4. sliding window: FlexAttention (the CUDA training path) against SDPA with a boolean mask, and
+   their speed next to plain causal SDPA;
+5. with --models: the CUDA-graph decoder against the full forward, and graph breaks and compiled
+   training-step throughput of SmolMixtral and StoryMixtral.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from smolhub.layers import CausalSelfAttention, GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter
+from smolhub.layers.attention import attend
+from smolhub.layers.moe import grouped_mm_supported
+
+ROWS: list[tuple[str, str]] = []
+
+
+def report(name: str, value: str) -> None:
+    ROWS.append((name, value))
+    print(f"  {name:<58} {value}", flush=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def moe_layer(args, grouped: bool, noisy: bool = False) -> MoEFeedForward:
+    torch.manual_seed(0)
+    router = (NoisyTopKRouter if noisy else SoftmaxTopKRouter)(args.dim, args.experts, args.top_k)
+    experts = GroupedExperts(args.experts, args.dim, args.hidden, use_grouped_mm=grouped)
+    return MoEFeedForward(router, experts).cuda().train()
+
+
+def fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+        loss = (y.float() * grad).sum() + layer.aux["balance"] + layer.aux["z"]
+    loss.backward()
+    return y
+
+
+def grads(layer, x):
+    return [x.grad] + [p.grad for p in layer.parameters()]
+
+
+def zero(layer, x):
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+
+
+def check_grouped_equals_loop(args, x, g):
+    print("grouped experts == per-expert loop (bf16 autocast, fp32 weights)", flush=True)
+    outs = {}
+    for grouped in (True, False):
+        layer = moe_layer(args, grouped)
+        xi = x.clone().requires_grad_()
+        outs[grouped] = (fwd_bwd(layer, xi, g), grads(layer, xi))
+    report("output relative error", f"{rel_err(outs[True][0], outs[False][0]):.2e}")
+    names = ["x", "router.gate", "experts.gate_up", "experts.down"]
+    for name, a, b in zip(names, outs[True][1], outs[False][1]):
+        report(f"grad {name} relative error", f"{rel_err(a, b):.2e}")
+    pairs = [(outs[True][0], outs[False][0])] + list(zip(outs[True][1], outs[False][1]))
+    worst = max(rel_err(a, b) for a, b in pairs)
+    report("grouped == loop (bf16 tolerance 2e-2)", "PASS" if worst < 2e-2 else "FAIL")
+
+
+def check_graph_breaks(args, x, g):
+    print("graph breaks of the MoE layer (training mode, bf16 autocast)", flush=True)
+    for noisy in (False, True):
+        layer = moe_layer(args, grouped=True, noisy=noisy)
+        tag = "noisy router" if noisy else "softmax router"
+
+        def step(inp):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = layer(inp)
+                return (y.float() * g).sum() + layer.aux["balance"] + layer.aux["z"]
+
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(step)(x.clone().requires_grad_())
+        report(f"dynamo.explain, {tag}: graphs / breaks",
+               f"{explanation.graph_count} / {explanation.graph_break_count}")
+        for reason in explanation.break_reasons[:3]:
+            print(f"    break: {reason.reason.splitlines()[0]}", flush=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True)
+        try:
+            xi = x.clone().requires_grad_()
+            compiled(xi).backward()
+            ok = "PASS"
+        except Exception as e:  # report, then go on with the other checks
+            ok = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        report(f"torch.compile(fullgraph=True) fwd+bwd, {tag}", ok)
+        if not noisy and ok == "PASS":
+            compiled_grads = grads(layer, xi)
+            zero(layer, xi)
+            step(xi).backward()
+            err = max(rel_err(a, b) for a, b in zip(compiled_grads, grads(layer, xi)))
+            report("compiled vs eager gradients, worst relative error", f"{err:.2e}")
+
+
+def time_moe(args, x, g):
+    print(f"MoE layer forward+backward, {args.tokens} tokens, d={args.dim}, {args.experts}x{args.hidden} "
+          f"top-{args.top_k}", flush=True)
+    results = {}
+    for grouped in (False, True):
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            layer = moe_layer(args, grouped)
+            fn = torch.compile(layer, fullgraph=grouped) if compiled else layer
+            xi = x.clone().requires_grad_()
+            ms = cuda_time_ms(lambda: fwd_bwd(fn, xi, g))
+            name = f"{'grouped' if grouped else 'loop'}, {'compiled' if compiled else 'eager'}"
+            results[name] = ms
+            report(f"{name}: ms / step", f"{ms:.2f}")
+    report("speed-up grouped compiled vs loop eager", f"{results['loop, eager'] / results['grouped, compiled']:.2f}x")
+
+
+def check_sliding_window(args):
+    print(f"sliding-window attention, batch {args.attn_batch} x {args.seq}, window {args.window}, GQA 8q/2kv",
+          flush=True)
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(512, 8, 2, window=args.window).cuda()
+    x = torch.randn(args.attn_batch, args.seq, 512, device="cuda")
+    g = torch.randn_like(x)
+
+    def qkv(inp):
+        q, k, v = attn.qkv(inp).split([512, 128, 128], dim=-1)
+        B, T = inp.shape[:2]
+        return (q.view(B, T, 8, 64).transpose(1, 2), k.view(B, T, 2, 64).transpose(1, 2),
+                v.view(B, T, 2, 64).transpose(1, 2))
+
+    def run(mode):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q, k, v = qkv(xi)
+            if mode == "flex":
+                y = attend(q, k, v, 0, window=args.window)
+            elif mode == "sdpa-mask":  # key positions force the boolean-mask path
+                y = attend(q, k, v, 0, window=args.window, key_pos=torch.arange(args.seq, device="cuda"))
+            else:
+                y = attend(q, k, v, 0)
+        (y.float() * g.view(args.attn_batch, args.seq, 8, 64).transpose(1, 2)).sum().backward()
+        return y, xi.grad
+
+    flex, ref = run("flex"), run("sdpa-mask")
+    report("flex vs SDPA mask: output relative error", f"{rel_err(flex[0], ref[0]):.2e}")
+    report("flex vs SDPA mask: grad x relative error", f"{rel_err(flex[1], ref[1]):.2e}")
+    for mode in ("flex", "sdpa-mask", "causal (no window)"):
+        report(f"{mode}: ms / fwd+bwd", f"{cuda_time_ms(lambda: run(mode)):.2f}")
+
+
+def check_models(args):
+    from SmolMixtral.config import SmolMixtralConfig
+    from SmolMixtral.model import SmolMixtral
+    from StoryMixtral.config import StoryMixtralConfig
+    from StoryMixtral.model import StoryMixtral
+
+    for model_cls, cfg in ((SmolMixtral, SmolMixtralConfig(vocab_size=32000)),
+                           (StoryMixtral, StoryMixtralConfig(vocab_size=32000))):
+        name = model_cls.__name__
+        print(f"{name}: {args.batch} x {cfg.block_size} tokens, bf16 autocast", flush=True)
+        torch.manual_seed(0)
+        model = model_cls(cfg).cuda().train()
+        idx = torch.randint(0, 32000, (args.batch, cfg.block_size), device="cuda")
+
+        def step(m):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = m(idx, idx)
+                loss = loss + model.aux_loss()
+            loss.backward()
+            return loss
+
+        def loss_of(i):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(i, i)[1]
+
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(loss_of)(idx)
+        breaks = f"{explanation.graph_count} / {explanation.graph_break_count}"
+        report(f"{name}: dynamo.explain graphs / breaks", breaks)
+        for reason in explanation.break_reasons[:3]:
+            print(f"    break: {reason.reason.splitlines()[0]}", flush=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        for label, m in (("eager", model), ("compiled", compiled)):
+            ms = cuda_time_ms(lambda: step(m), warmup=3, iters=5)
+            tok_s = args.batch * cfg.block_size / ms * 1e3
+            report(f"{name} {label}: fwd+bwd ms / tok/s", f"{ms:.1f} / {tok_s:,.0f}")
+        report(f"{name}: load max/mean after the compiled steps", f"{model.train_metrics()['load_max_over_mean']:.2f}")
+        del model, compiled
+        torch.cuda.empty_cache()
+
+
+def check_decoding():
+    """Cached decoding in bf16, teacher-forced over 96 positions: the eager cache against the full forward,
+    then the CUDA-graph decoder (smolhub.generate.CompiledDecoder) against the eager cache. StoryMixtral
+    gets a 16-token window, so its ring-buffer cache wraps around. Random weights make router near-ties
+    common, so a few positions may route differently between two bf16 paths: the argmax agreement is
+    reported next to the relative error."""
+    from smolhub.generate import CompiledDecoder
+    from SmolMixtral.config import SmolMixtralConfig
+    from SmolMixtral.model import SmolMixtral
+    from StoryMixtral.config import StoryMixtralConfig
+    from StoryMixtral.model import StoryMixtral
+
+    def compare(a, b):
+        agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+        return f"{rel_err(a, b):.2e} / {agree:.0%}"
+
+    for model_cls, cfg in ((SmolMixtral, SmolMixtralConfig(vocab_size=32000, block_size=128)),
+                           (StoryMixtral, StoryMixtralConfig(vocab_size=32000, block_size=128, sliding_window=16))):
+        name = model_cls.__name__
+        torch.manual_seed(0)
+        model = model_cls(cfg).cuda().to(torch.bfloat16).eval()
+        seq = torch.randint(0, 32000, (1, 96), device="cuda")
+        kinds = sorted({type(c).__name__ for c in model.make_kv_cache(1, cfg.block_size, "meta", torch.float32)})
+        with torch.inference_mode():
+            full = model(seq)[0].float()[:, 7:95]
+            cache = model.make_kv_cache(1, cfg.block_size, "cuda", torch.bfloat16)
+            eager = [model(seq[:, :8], kv_cache=cache, start_pos=0)[0][:, -1].float()]
+            eager += [model(seq[:, t:t + 1], kv_cache=cache, start_pos=t)[0][:, -1].float() for t in range(8, 95)]
+            eager = torch.stack(eager, 1)
+            report(f"{name}: eager {'/'.join(kinds)} decode vs full forward: rel err / argmax", compare(eager, full))
+            try:
+                decoder = CompiledDecoder.for_model(model, 1, torch.device("cuda"), torch.bfloat16)
+                graph = [model(seq[:, :8], kv_cache=decoder.cache, start_pos=0)[0][:, -1].float()]
+                for t in range(8, 95):
+                    graph.append(decoder.step(seq[:, t:t + 1], torch.tensor(t, device="cuda")).clone())
+                result = compare(torch.stack(graph, 1), eager)
+            except Exception as e:  # report, then go on with the other checks
+                result = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            usable = CompiledDecoder.usable(model, torch.device("cuda"))
+            report(f"{name}: CUDA-graph decode (usable={usable}) vs eager decode", result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--attn_batch", type=int, default=16)
+    parser.add_argument("--models", action="store_true", help="also compile and time both full models")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step in --models")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("check_moe_gpu.py needs a CUDA GPU")
+
+    probe = torch.zeros(1, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        supported = grouped_mm_supported(probe)
+    print(f"{torch.cuda.get_device_name()} (sm{''.join(map(str, torch.cuda.get_device_capability()))}), "
+          f"torch {torch.__version__}, F.grouped_mm: {hasattr(F, 'grouped_mm')}, "
+          f"torch._grouped_mm: {hasattr(torch, '_grouped_mm')}, grouped path chosen under bf16 autocast: {supported}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x = torch.randn(args.tokens, args.dim, device="cuda")
+    g = torch.randn(args.tokens, args.dim, device="cuda")
+    check_grouped_equals_loop(args, x, g)
+    check_graph_breaks(args, x, g)
+    time_moe(args, x, g)
+    check_sliding_window(args)
+    if args.models:
+        check_decoding()
+        check_models(args)
+    width = max(len(n) for n, _ in ROWS)
+    print("\n" + "-" * (width + 30))
+    for name, value in ROWS:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Mixture-of-experts feed-forward: routers, grouped SwiGLU experts, and their balancing losses.
+
+A router scores each token against every expert and keeps the top k; `GroupedExperts` runs every
+(token, expert) assignment through its expert and sums the outputs weighted by the router.
+Everything stays tensor-shaped (no `.item()`, no Python branch on data) on the grouped path, so
+`torch.compile` captures the expert computation as one graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# F.grouped_mm is the public name from torch 2.10 on; torch._grouped_mm is the same kernel before.
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x actually run in: the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether the fused grouped GEMM kernel runs here: bf16 on CUDA with compute capability 9.0 (H100)."""
+    return (_grouped_mm is not None and x.is_cuda and _autocast_dtype(x) == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights: expert e is down_e(silu(x W_gate,e) * x W_up,e).
+
+    gate_up[e] is (dim, 2*hidden) = [W_gate,e | W_up,e] and down[e] is (hidden, dim), so the whole
+    layer is two 3-D parameters and two grouped matmuls. `use_grouped_mm` forces a path (None =
+    grouped where `grouped_mm_supported`, the exact per-expert loop elsewhere).
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, use_grouped_mm: bool | None = None):
+        super().__init__()
+        self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
+        self.use_grouped_mm = use_grouped_mm
+        self.gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
+        self.down = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, residual_scale: float = 1.0) -> None:
+        """N(0, std) like a Linear of CausalLM.init_weights; `down` writes into the residual stream
+        and gets std * residual_scale, like the dense models' output projections."""
+        nn.init.normal_(self.gate_up, mean=0.0, std=std)
+        nn.init.normal_(self.down, mean=0.0, std=std * residual_scale)
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, dim), expert_idx (N, k) long, weights (N, k) -> sum_k weights[:, k] * expert_idx[:, k](x)."""
+        grouped = self.use_grouped_mm if self.use_grouped_mm is not None else grouped_mm_supported(x)
+        return self._grouped(x, expert_idx, weights) if grouped else self._loop(x, expert_idx, weights)
+
+    def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.split(self.hidden, dim=-1)
+        return F.silu(gate) * up
+
+    def _grouped(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, k = expert_idx.shape
+        dtype = _autocast_dtype(x)
+        flat = expert_idx.reshape(-1)
+        order = flat.argsort(stable=True)  # the N*k assignments, grouped by expert
+        # offsets[e] = end of expert e's rows = number of assignments to experts <= e (int32 for the kernel);
+        # an expert without tokens gets an empty group
+        boundaries = torch.arange(self.n_experts, device=x.device, dtype=flat.dtype)
+        offsets = torch.searchsorted(flat[order], boundaries, right=True, out_int32=True)
+        rows = x[order // k].to(dtype)
+        h = _grouped_mm(rows, self.gate_up.to(dtype), offs=offsets)
+        out = _grouped_mm(self._swiglu(h), self.down.to(dtype), offs=offsets)
+        # back to (token, slot) order by gathering with the inverse permutation: no atomics, deterministic
+        out = out[order.argsort()].view(N, k, self.dim)
+        return (out * weights.to(dtype).unsqueeze(-1)).sum(dim=1)
+
+    def _loop(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The reference: each expert on exactly the rows routed to it. Exact on CPU, any dtype."""
+        dtype = _autocast_dtype(x)
+        out = torch.zeros(x.size(0), self.dim, device=x.device, dtype=dtype)
+        for e in range(self.n_experts):
+            token, slot = torch.nonzero(expert_idx == e, as_tuple=True)
+            y = self._swiglu(x[token] @ self.gate_up[e]) @ self.down[e]
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(dtype))
+        return out
+
+
+def switch_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss E * sum_e f_e * P_e (Fedus et al., 2021).
+
+    f_e is the share of the N*k assignments routed to expert e (not differentiable), P_e the mean
+    router probability of e. It is 1 under perfect balance and E / k when every token goes to the same k
+    experts (E for Switch's top-1)."""
+    n_experts = probs.size(-1)
+    f = counts.float() / counts.sum()
+    return n_experts * (f * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss mean(logsumexp(logits)^2) (Zoph et al., 2022): keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """Mixtral's router: softmax over all experts, keep the top k, renormalise them to sum to one.
+
+    Runs in fp32 (or fp64) whatever the autocast dtype: top-k choices flip on bf16 rounding. Returns
+    (expert_idx (N, k), weights (N, k), aux) where aux holds the balancing loss, the z-loss and
+    the per-expert assignment counts of this batch."""
+
+    def __init__(self, dim: int, n_experts: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k ({top_k}) must be between 1 and n_experts ({n_experts})")
+        self.n_experts, self.top_k = n_experts, top_k
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+
+    def routing_logits(self, x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return clean
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            clean = F.linear(x, self.gate.weight.to(x.dtype))
+            probs = self.routing_logits(x, clean).softmax(dim=-1)
+        weights, expert_idx = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        experts = torch.arange(self.n_experts, device=x.device)
+        counts = (expert_idx.reshape(-1, 1) == experts).sum(dim=0)
+        aux = {"balance": switch_balance_loss(probs, counts), "z": router_z_loss(clean), "counts": counts.detach()}
+        return expert_idx, weights, aux
+
+
+class NoisyTopKRouter(SoftmaxTopKRouter):
+    """Noisy top-k gating (Shazeer et al., 2017): in training, logits + N(0, 1) * softplus(x W_noise).
+
+    The learned noise spreads tokens over experts early in training; evaluation and generation
+    route on the clean logits, deterministically."""
+
+    def __init__(self, dim: int, n_experts: int, top_k: int):
+        super().__init__(dim, n_experts, top_k)
+        self.noise = nn.Linear(dim, n_experts, bias=False)
+
+    def routing_logits(self, x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return clean
+        return clean + torch.randn_like(clean) * F.softplus(F.linear(x, self.noise.weight.to(x.dtype)))
+
+
+def drop_over_capacity(expert_idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
+                       capacity_factor: float) -> torch.Tensor:
+    """Zero the weights of the assignments beyond each expert's capacity, ceil(cf * N * k / E).
+
+    Within an expert the highest-weighted assignments are kept. Shapes stay static: a dropped
+    assignment still flows through its expert, with weight 0, so it adds nothing to the output."""
+    flat_idx, flat_w = expert_idx.reshape(-1), weights.reshape(-1)
+    capacity = math.ceil(capacity_factor * flat_idx.numel() / n_experts)
+    # two stable sorts = sort by expert, then by descending weight within each expert
+    by_weight = flat_w.argsort(descending=True, stable=True)
+    order = by_weight[flat_idx[by_weight].argsort(stable=True)]
+    sorted_idx = flat_idx[order]
+    starts = torch.searchsorted(sorted_idx, torch.arange(n_experts, device=flat_idx.device, dtype=flat_idx.dtype))
+    rank = torch.arange(flat_idx.numel(), device=flat_idx.device) - starts[sorted_idx]
+    keep = torch.empty_like(rank, dtype=torch.bool)
+    keep[order] = rank < capacity
+    return (flat_w * keep).view_as(weights)
+
+
+class MoEFeedForward(nn.Module):
+    """The feed-forward of an MoE block: route each token, run its experts, sum them weighted.
+
+    In training the router's aux dict of the last forward is kept in `self.aux` for the model's
+    aux_loss() and train_metrics()."""
+
+    def __init__(self, router: SoftmaxTopKRouter, experts: GroupedExperts, capacity_factor: float = 0.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.router, self.experts = router, experts
+        self.capacity_factor = capacity_factor
+        self.dropout = nn.Dropout(dropout)
+        self.aux: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        expert_idx, weights, aux = self.router(x)
+        if self.capacity_factor > 0:
+            weights = drop_over_capacity(expert_idx, weights, self.router.n_experts, self.capacity_factor)
+        if self.training:
+            self.aux = aux
+        return self.dropout(self.experts(x, expert_idx, weights).view(shape))
+
+
+def inactive_expert_params(model: nn.Module) -> int:
+    """Expert weights a token does not use: (E - k) / E of every MoE layer's experts."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MoEFeedForward):
+            E, k = m.router.n_experts, m.router.top_k
+            n += sum(p.numel() for p in m.experts.parameters()) * (E - k) // E
+    return n
+
+
+def moe_aux_loss(model: nn.Module, balance_weight: float, z_weight: float) -> torch.Tensor | None:
+    """balance_weight * mean over MoE layers of the balancing loss + z_weight * mean of the z-loss,
+    from the last training forward (None before the first one).
+
+    The mean keeps a weight's meaning independent of depth."""
+    auxes = [m.aux for m in model.modules() if isinstance(m, MoEFeedForward) and m.aux]
+    if not auxes:
+        return None
+    balance = torch.stack([a["balance"] for a in auxes]).mean()
+    z = torch.stack([a["z"] for a in auxes]).mean()
+    return balance_weight * balance + z_weight * z
+
+
+def moe_metrics(model: nn.Module) -> dict[str, float]:
+    """The last training forward's routing, for the log: the two losses (unweighted), the worst
+    layer's max/mean expert load (1 = balanced, E / k = every token on the same k experts) and each expert's
+    share of the assignments averaged over layers."""
+    auxes = [m.aux for m in model.modules() if isinstance(m, MoEFeedForward) and m.aux]
+    if not auxes:
+        return {}
+    counts = torch.stack([a["counts"] for a in auxes]).float()
+    share = counts / counts.sum(dim=-1, keepdim=True)
+    metrics = {
+        "aux_loss": torch.stack([a["balance"] for a in auxes]).mean().item(),
+        "z_loss": torch.stack([a["z"] for a in auxes]).mean().item(),
+        "load_max_over_mean": (share.max(dim=-1).values * share.size(-1)).max().item(),
+    }
+    metrics.update({f"expert_share_{e}": s for e, s in enumerate(share.mean(dim=0).tolist())})
+    return metrics

@@ -1,0 +1,68 @@
+"""StoryMixtral <-> transformers' MixtralForCausalLM.
+
+Attention as in convert_llama (fused qkv split into q/k/v_proj; rotate-half RoPE as Mixtral's). Both
+windows count the query itself (a key is visible when q - k < sliding_window). Experts are fused 3-D
+parameters in both, transposed: ours gate_up (E, dim, 2*hidden) and down (E, hidden, dim), theirs
+gate_up_proj (E, 2*hidden, dim) and down_proj (E, dim, hidden), gate before up in both; transformers'
+save_pretrained then writes the Hub's per-expert w1/w2/w3 files.
+"""
+from __future__ import annotations
+
+from smolhub.errors import UserError
+from smolhub_hub.convert_llama import attention_from_hf, attention_to_hf, embeddings_from_hf, embeddings_to_hf
+
+REMOTE_CODE = False
+
+
+def model_class():
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM
+
+
+def check_no_capacity(cfg) -> None:
+    """transformers' MoE layers never drop tokens; ours do when capacity_factor > 0, in inference too."""
+    if cfg.capacity_factor > 0:
+        raise UserError(f"this checkpoint drops tokens over expert capacity (capacity_factor "
+                        f"{cfg.capacity_factor}), which transformers cannot reproduce; set \"capacity_factor\": 0 "
+                        "in its config.json to export it (inference then routes every token)")
+
+
+def hf_config(architecture: str, cfg, ids: dict):
+    from transformers import MixtralConfig
+
+    check_no_capacity(cfg)
+    return MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.expert_hidden,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        sliding_window=cfg.sliding_window or None, num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, router_aux_loss_coef=cfg.aux_loss_weight / cfg.top_k,
+        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", initializer_range=cfg.init_std, **ids)
+
+
+def to_hf(sd: dict, cfg) -> dict:
+    out = embeddings_to_hf(sd)
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        out[f"{theirs}.input_layernorm.weight"] = sd[f"{ours}.attn_norm.weight"]
+        out[f"{theirs}.post_attention_layernorm.weight"] = sd[f"{ours}.ffn_norm.weight"]
+        out.update(attention_to_hf(sd, f"{ours}.attn", f"{theirs}.self_attn", cfg))
+        out[f"{theirs}.mlp.gate.weight"] = sd[f"{ours}.moe.router.gate.weight"]
+        out[f"{theirs}.mlp.experts.gate_up_proj"] = sd[f"{ours}.moe.experts.gate_up"].transpose(1, 2).contiguous()
+        out[f"{theirs}.mlp.experts.down_proj"] = sd[f"{ours}.moe.experts.down"].transpose(1, 2).contiguous()
+    return out
+
+
+def from_hf(sd: dict, cfg) -> dict:
+    out = embeddings_from_hf(sd)
+    for i in range(cfg.n_layer):
+        theirs, ours = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{ours}.attn_norm.weight"] = sd[f"{theirs}.input_layernorm.weight"]
+        out[f"{ours}.ffn_norm.weight"] = sd[f"{theirs}.post_attention_layernorm.weight"]
+        out.update(attention_from_hf(sd, f"{theirs}.self_attn", f"{ours}.attn"))
+        out[f"{ours}.moe.router.gate.weight"] = sd[f"{theirs}.mlp.gate.weight"]
+        out[f"{ours}.moe.experts.gate_up"] = sd[f"{theirs}.mlp.experts.gate_up_proj"].transpose(1, 2)
+        out[f"{ours}.moe.experts.down"] = sd[f"{theirs}.mlp.experts.down_proj"].transpose(1, 2)
+    return out

@@ -1,0 +1,211 @@
+"""Mixture-of-experts layers: grouped dispatch against the loop, routers, balancing losses, capacity."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smolhub.layers import GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter, moe_aux_loss
+from smolhub.layers.moe import drop_over_capacity, router_z_loss, switch_balance_loss
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on the two shared cores, more threads oversubscribe and run ~4x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def per_token_reference(experts: GroupedExperts, x, expert_idx, weights):
+    """sum_k w_k * down_e(silu(x W_gate,e) * x W_up,e), one token and one slot at a time."""
+    out = []
+    for n in range(x.size(0)):
+        y = 0
+        for slot in range(expert_idx.size(1)):
+            e = int(expert_idx[n, slot])
+            gate, up = (x[n] @ experts.gate_up[e]).split(experts.hidden)
+            y = y + weights[n, slot] * ((F.silu(gate) * up) @ experts.down[e])
+        out.append(y)
+    return torch.stack(out)
+
+
+def routing(n_tokens, n_experts, k, used, seed):
+    """Random top-k routing onto the experts listed in `used` (the others get no tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    used = torch.tensor(used)
+    idx = torch.stack([used[torch.randperm(len(used), generator=g)[:k]] for _ in range(n_tokens)])
+    weights = torch.rand(n_tokens, k, generator=g).softmax(-1)
+    return idx, weights
+
+
+def test_loop_path_matches_per_token_reference():
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 24, use_grouped_mm=False).double()
+    x = torch.randn(13, 16, dtype=torch.float64)
+    idx, w = routing(13, 4, 2, [0, 1, 3], seed=0)
+    torch.testing.assert_close(experts(x, idx, w.double()), per_token_reference(experts, x, idx, w.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("used", [[0, 1, 2, 3, 4, 5], [1, 4, 5], [2, 3]], ids=["all", "3-of-6", "2-of-6"])
+def test_grouped_mm_equals_loop_forward_and_backward(dtype, used):
+    """torch._grouped_mm (forced on CPU) == the per-expert loop, outputs and every gradient, with
+    experts that receive no tokens (their weight gradients must be exactly zero)."""
+    torch.manual_seed(1)
+    idx, w = routing(37, 6, 2, used, seed=len(used))
+    x = torch.randn(37, 32)
+    results = []
+    for grouped in (True, False):
+        experts = GroupedExperts(6, 32, 48, use_grouped_mm=grouped)
+        torch.manual_seed(2)
+        experts.reset_parameters(std=0.2)
+        experts.to(dtype)
+        xi = x.to(dtype).requires_grad_()
+        wi = w.to(dtype).requires_grad_()
+        out = experts(xi, idx, wi)
+        # a non-uniform upstream gradient, plus .sum() whose gradient is expanded (see PITFALLS)
+        (out * torch.linspace(-1, 1, 32, dtype=dtype)).sum().backward(retain_graph=True)
+        out.sum().backward()
+        results.append([out, xi.grad, wi.grad, experts.gate_up.grad, experts.down.grad])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for grouped, loop in zip(*results):
+        torch.testing.assert_close(grouped.float(), loop.float(), **tol)
+    unused = [e for e in range(6) if e not in used]
+    for grad in results[0][3:]:
+        assert grad[unused].abs().sum() == 0 and grad[used].abs().sum() > 0
+
+
+def test_grouped_path_is_chosen_only_where_the_kernel_runs():
+    experts = GroupedExperts(2, 16, 16)
+    assert experts.use_grouped_mm is None  # automatic: the loop on this CPU box
+    x = torch.randn(5, 16)
+    idx, w = routing(5, 2, 1, [0, 1], seed=0)
+    reference = GroupedExperts(2, 16, 16, use_grouped_mm=False)
+    reference.load_state_dict(experts.state_dict())
+    assert torch.equal(experts(x, idx, w), reference(x, idx, w))
+
+
+def test_router_weights_are_renormalised_top_k():
+    torch.manual_seed(3)
+    router = SoftmaxTopKRouter(16, 8, 2)
+    x = torch.randn(50, 16)
+    idx, w, aux = router(x)
+    probs = (x @ router.gate.weight.T).softmax(-1)
+    torch.testing.assert_close(w.sum(-1), torch.ones(50))
+    assert torch.equal(idx, probs.topk(2, dim=-1).indices)
+    torch.testing.assert_close(w, probs.gather(1, idx) / probs.gather(1, idx).sum(-1, keepdim=True))
+    assert aux["counts"].sum() == 100 and aux["counts"].shape == (8,)
+    assert torch.equal(aux["counts"], torch.bincount(idx.flatten(), minlength=8))
+
+
+def test_router_runs_in_fp32_under_autocast():
+    router = SoftmaxTopKRouter(16, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, w, aux = router(torch.randn(6, 16))
+    assert w.dtype == torch.float32 and aux["balance"].dtype == torch.float32
+
+
+def test_noisy_router_adds_noise_in_training_only():
+    torch.manual_seed(4)
+    noisy = NoisyTopKRouter(16, 8, 2)
+    clean = SoftmaxTopKRouter(16, 8, 2)
+    clean.gate.weight.data = noisy.gate.weight.data.clone()
+    x = torch.randn(200, 16)
+    noisy.eval()
+    a, b = noisy(x), noisy(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # deterministic
+    assert torch.equal(a[0], clean(x)[0]) and torch.equal(a[1], clean(x)[1])  # = the noiseless router
+    noisy.train()
+    c, d = noisy(x), noisy(x)
+    assert not torch.equal(c[1], d[1]) and not torch.equal(c[1], a[1])
+    torch.testing.assert_close(c[1].sum(-1), torch.ones(200))
+    # the noise scale is learned: the balancing loss reaches W_noise through the noisy probabilities
+    c[2]["balance"].backward()
+    assert noisy.noise.weight.grad.abs().sum() > 0
+
+
+def hand_made_router():
+    """Two experts, four tokens, logits chosen so every number below is exact.
+
+    Rows (ln 3, 0) give probabilities (3/4, 1/4); three tokens prefer expert 0, one prefers expert 1."""
+    router = SoftmaxTopKRouter(2, 2, 1)
+    router.gate.weight.data = torch.eye(2)
+    x = torch.tensor([[math.log(3), 0.0], [math.log(3), 0.0], [0.0, math.log(3)], [math.log(3), 0.0]])
+    return router, x
+
+
+def test_switch_loss_and_z_loss_equal_their_formulas_by_hand():
+    router, x = hand_made_router()
+    idx, w, aux = router(x)
+    assert idx.flatten().tolist() == [0, 0, 1, 0] and torch.equal(w, torch.ones(4, 1))
+    # f = (3/4, 1/4); P = mean probabilities = (2.5/4, 1.5/4); loss = E * sum f P = 2 * 0.5625
+    torch.testing.assert_close(aux["balance"], torch.tensor(1.125))
+    # logsumexp of every row is ln(3 + 1) = ln 4
+    torch.testing.assert_close(aux["z"], torch.tensor(math.log(4) ** 2))
+
+
+def test_switch_loss_is_one_when_balanced_and_E_when_collapsed():
+    E = 4
+    uniform = torch.full((8, E), 1 / E)
+    assert switch_balance_loss(uniform, torch.full((E,), 4)).item() == pytest.approx(1.0)
+    collapsed = F.one_hot(torch.zeros(8, dtype=torch.long), E).float()
+    assert switch_balance_loss(collapsed, torch.tensor([8, 0, 0, 0])).item() == pytest.approx(E)
+    assert router_z_loss(torch.zeros(3, E)).item() == pytest.approx(math.log(E) ** 2)
+
+
+def test_aux_losses_are_weighted_means_over_layers_and_reach_the_router():
+    torch.manual_seed(5)
+    layers = torch.nn.ModuleList(
+        MoEFeedForward(SoftmaxTopKRouter(16, 4, 2), GroupedExperts(4, 16, 8)) for _ in range(2))
+    assert moe_aux_loss(layers, 0.01, 0.001) is None  # nothing routed in training yet
+    x = torch.randn(3, 5, 16)
+    for layer in layers:
+        x = x + layer(x)
+    expected = sum(0.01 * m.aux["balance"] + 0.001 * m.aux["z"] for m in layers) / 2
+    loss = moe_aux_loss(layers, 0.01, 0.001)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(m.router.gate.weight.grad.abs().sum() > 0 for m in layers)
+
+
+def test_eval_forward_keeps_the_last_training_routing():
+    layer = MoEFeedForward(SoftmaxTopKRouter(16, 4, 2), GroupedExperts(4, 16, 8))
+    layer(torch.randn(2, 3, 16))
+    train_aux = layer.aux
+    layer.eval()
+    layer(torch.randn(2, 7, 16))
+    assert layer.aux is train_aux
+
+
+def test_capacity_drops_the_lowest_weighted_assignments():
+    # 6 assignments, 2 experts, capacity_factor 1 -> 3 per expert; expert 0 gets 4 of them
+    idx = torch.tensor([[0, 1], [0, 1], [0, 1]])
+    w = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]])
+    kept = drop_over_capacity(idx, w, 2, 1.0)
+    torch.testing.assert_close(kept, w)  # 3 each: nothing dropped
+    idx = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    w = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]])
+    kept = drop_over_capacity(idx, w, 2, 0.5)  # capacity ceil(0.5 * 6 / 2) = 2 per expert
+    # expert 0 holds 0.9, 0.6, 0.3 -> drops 0.3; expert 1 holds 0.1, 0.4, 0.7 -> drops 0.1
+    torch.testing.assert_close(kept, torch.tensor([[0.9, 0.0], [0.6, 0.4], [0.7, 0.0]]))
+
+
+def test_capacity_off_by_default_and_on_drops_tokens_in_the_layer():
+    torch.manual_seed(6)
+    router, experts = SoftmaxTopKRouter(16, 4, 2), GroupedExperts(4, 16, 8)
+    x = torch.randn(1, 64, 16)
+    full = MoEFeedForward(router, experts)(x)
+    idx, w, _ = router(x.view(-1, 16))
+    torch.testing.assert_close(full.view(-1, 16), experts(x.view(-1, 16), idx, w))
+    capped = MoEFeedForward(router, experts, capacity_factor=0.5)(x)
+    torch.testing.assert_close(capped.view(-1, 16), experts(x.view(-1, 16), idx, drop_over_capacity(idx, w, 4, 0.5)))
+    assert not torch.allclose(capped, full)
+
+
+def test_residual_init_scaling_reaches_the_stacked_experts():
+    experts = GroupedExperts(8, 256, 256)
+    experts.reset_parameters(std=0.02, residual_scale=0.25)
+    assert experts.gate_up.std().item() == pytest.approx(0.02, rel=0.02)
+    assert experts.down.std().item() == pytest.approx(0.005, rel=0.02)
