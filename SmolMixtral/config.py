@@ -1,41 +1,22 @@
 """SmolMixtral's configuration: the defaults of MODELS.md (~125M parameters, ~50M active) and presets."""
 from dataclasses import dataclass
 
-from smolhub.config import ModelConfig, option
-from smolhub.errors import UserError
+from smolhub.config import MoEConfig, check_rope, option
 
 
 @dataclass
-class SmolMixtralConfig(ModelConfig):
+class SmolMixtralConfig(MoEConfig):
     block_size: int = option(1024, "Context length in tokens.")
     n_layer: int = option(8, "Number of transformer blocks.")
     n_embd: int = option(512, "Model width (d_model).")
     n_head: int = option(8, "Attention heads (multi-head attention: as many key/value heads).")
     rope_theta: float = option(10000.0, "RoPE base frequency.")
-    n_experts: int = option(8, "SwiGLU experts per MoE layer.")
-    top_k: int = option(2, "Experts each token is routed to.")
-    expert_hidden: int = option(1024, "Hidden width of each SwiGLU expert.")
     noisy_routing: bool = option(True, "Noisy top-k gating in training: learned Gaussian noise on the router "
                                  "logits (Shazeer et al., 2017); evaluation routes on the clean logits.")
-    aux_loss_weight: float = option(0.01, "Weight of the Switch load-balancing loss (1 when balanced, "
-                                    "n_experts / top_k when collapsed), averaged over layers.")
-    router_z_loss_weight: float = option(0.0, "Weight of the router z-loss mean(logsumexp(logits)^2), "
-                                         "averaged over layers; 0 = off.")
-    capacity_factor: float = option(0.0, "Drop the lowest-weighted assignments beyond capacity_factor x "
-                                    "tokens x top_k / n_experts per expert; 0 = drop nothing.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_dim % 2:
-            raise UserError(f"RoPE needs an even head dimension; n_embd/n_head = {self.head_dim}")
-        if self.n_experts <= 0 or self.expert_hidden <= 0:
-            raise UserError(f"--n_experts and --expert_hidden must be positive, got {self.n_experts} "
-                            f"and {self.expert_hidden}")
-        if not 1 <= self.top_k <= self.n_experts:
-            raise UserError(f"--top_k {self.top_k} must be between 1 and --n_experts {self.n_experts}")
-        for name in ["aux_loss_weight", "router_z_loss_weight", "capacity_factor"]:
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        check_rope(self)
 
 
 # Presets set model and training fields together; flags given on the command line win.

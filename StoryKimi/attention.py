@@ -33,6 +33,8 @@ from StoryKimi.config import StoryKimiConfig
 class MLACache:
     """Per layer: the normed kv latents (B, max_len, kv_lora_rank) and rotated shared keys (B, max_len, rope)."""
 
+    static_positions = True  # takes start_pos as a device tensor: CUDA-graph decoding can use it
+
     def __init__(self, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         self.latent = torch.zeros(batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
@@ -42,8 +44,15 @@ class MLACache:
     def max_len(self) -> int:
         return self.latent.size(1)
 
-    def update(self, latent: torch.Tensor, k_rope: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store positions [start_pos, start_pos + T) and return everything cached so far."""
+    def update(self, latent: torch.Tensor, k_rope: torch.Tensor,
+               start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store positions [start_pos, start_pos + T) and return everything cached so far (the whole
+        buffer when start_pos is a tensor: `attend` then masks the positions not yet written)."""
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(latent.size(1), device=latent.device)
+            self.latent.index_copy_(1, positions, latent)
+            self.k_rope.index_copy_(1, positions, k_rope)
+            return self.latent, self.k_rope
         end = start_pos + latent.size(1)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")

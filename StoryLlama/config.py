@@ -1,8 +1,7 @@
 """StoryLlama's configuration: the defaults of MODELS.md (~89M parameters) and the presets."""
 from dataclasses import dataclass
 
-from smolhub.config import ModelConfig, option
-from smolhub.errors import UserError
+from smolhub.config import ModelConfig, check_kv_heads, check_rope, option
 
 
 @dataclass
@@ -17,10 +16,8 @@ class StoryLlamaConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_kv_heads <= 0 or self.n_head % self.n_kv_heads:
-            raise UserError(f"--n_head {self.n_head} must be divisible by --n_kv_heads {self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise UserError(f"RoPE needs an even head dimension; n_embd/n_head = {self.head_dim}")
+        check_kv_heads(self)
+        check_rope(self)
 
 
 # Presets set model and training fields together; flags given on the command line win.

@@ -71,6 +71,42 @@ class ModelConfig:
         return cls(**d)
 
 
+def check_kv_heads(cfg: ModelConfig) -> None:
+    if cfg.n_kv_heads <= 0 or cfg.n_head % cfg.n_kv_heads:
+        raise UserError(f"--n_head {cfg.n_head} must be divisible by --n_kv_heads {cfg.n_kv_heads}")
+
+
+def check_rope(cfg: ModelConfig) -> None:
+    if cfg.head_dim % 2:
+        raise UserError(f"RoPE needs an even head dimension; n_embd/n_head = {cfg.head_dim}")
+
+
+@dataclass
+class MoEConfig(ModelConfig):
+    """The Mixtral-style sparse feed-forward that SmolMixtral and StoryMixtral share."""
+
+    n_experts: int = option(8, "SwiGLU experts per MoE layer.")
+    top_k: int = option(2, "Experts each token is routed to.")
+    expert_hidden: int = option(1024, "Hidden width of each SwiGLU expert.")
+    aux_loss_weight: float = option(0.01, "Weight of the Switch load-balancing loss (1 when balanced, "
+                                    "n_experts / top_k when collapsed), averaged over layers.")
+    router_z_loss_weight: float = option(0.0, "Weight of the router z-loss mean(logsumexp(logits)^2) "
+                                         "(ST-MoE), averaged over layers; 0 = off.")
+    capacity_factor: float = option(0.0, "Drop the lowest-weighted assignments beyond capacity_factor x "
+                                    "tokens x top_k / n_experts per expert; 0 = drop nothing.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_experts <= 0 or self.expert_hidden <= 0:
+            raise UserError(f"--n_experts and --expert_hidden must be positive, got {self.n_experts} "
+                            f"and {self.expert_hidden}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise UserError(f"--top_k {self.top_k} must be between 1 and --n_experts {self.n_experts}")
+        for name in ["aux_loss_weight", "router_z_loss_weight", "capacity_factor"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass
 class TrainConfig:
     """How to train: data, optimisation, precision, logging and checkpoints."""

@@ -7,13 +7,13 @@ the context: a prompt too long for max_new_tokens is cropped from the left, keep
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from smolhub.errors import UserError
-from smolhub.layers import KVCache, SlidingWindowKVCache
 
 
 @dataclass
@@ -84,9 +84,10 @@ class CompiledDecoder:
         self.model = model
         self.in_use = threading.Lock()  # one generation at a time owns the static cache
         self.cache = model.make_kv_cache(batch_size, model.config.block_size, device, dtype)
-        for layer in self.cache:
-            torch._dynamo.mark_static_address(layer.k)
-            torch._dynamo.mark_static_address(layer.v)
+        for layer in self.cache:  # fixed addresses let the graph read and write the buffers in place
+            for buffer in vars(layer).values():
+                if isinstance(buffer, torch.Tensor):
+                    torch._dynamo.mark_static_address(buffer)
         self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -95,12 +96,11 @@ class CompiledDecoder:
 
     @staticmethod
     def usable(model, device: torch.device) -> bool:
-        """CUDA only, and only for models whose caches take tensor positions (the full and the
-        sliding-window KV caches; StoryKimi's latent cache does not)."""
-        if device.type != "cuda":
+        """CUDA only, for models whose caches take tensor positions, unless compiling failed before."""
+        if device.type != "cuda" or getattr(model, "compiled_decode_failed", False):
             return False
         probe = model.make_kv_cache(1, model.config.block_size, "meta", torch.float32)
-        return all(type(layer) in (KVCache, SlidingWindowKVCache) for layer in probe)
+        return all(getattr(layer, "static_positions", False) for layer in probe)
 
     @classmethod
     def acquire(cls, model, batch_size: int, device: torch.device, dtype: torch.dtype) -> "CompiledDecoder | None":
@@ -165,11 +165,20 @@ def _decode(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        if decoder:
-            next_logits = decoder.step(token[:, None], pos)
-        else:
-            next_logits = model(token[:, None], kv_cache=cache, start_pos=pos)[0][:, -1, :]
+        next_logits = _step(model, decoder, cache, token[:, None], pos)
         pos = pos + 1
+
+
+def _step(model, decoder: CompiledDecoder | None, cache, token: torch.Tensor, pos) -> torch.Tensor:
+    """Logits after one more token: the CUDA graph when there is one, else an eager forward."""
+    if decoder is not None and not getattr(model, "compiled_decode_failed", False):
+        try:
+            return decoder.step(token, pos)
+        except Exception as e:  # a model the compiler cannot capture still decodes, eagerly
+            warnings.warn(f"compiled decoding failed, decoding eagerly from now on: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}")
+            model.compiled_decode_failed = True
+    return model(token, kv_cache=cache, start_pos=pos)[0][:, -1, :]
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -92,7 +93,7 @@ def _start_wandb(cfg: TrainConfig, run_config: dict, out_dir: Path, resumed: boo
                    f"to {out_dir}/wandb, upload later with `wandb sync`")
         mode = "offline"
     run_id_file = Path(out_dir) / "wandb_run_id"
-    run_id = run_id_file.read_text().strip() if resumed and run_id_file.exists() else wandb.util.generate_id()
+    run_id = run_id_file.read_text().strip() if resumed and run_id_file.exists() else uuid.uuid4().hex[:8]
     run_id_file.write_text(run_id)
     return wandb.init(project=cfg.wandb_project, name=cfg.run_name or None, config=run_config, dir=str(out_dir),
                       mode=mode, id=run_id, resume="allow")

@@ -14,7 +14,8 @@ by ~1e-6 relative at the default 1e-5 (the export check and tests bound it).
 """
 from __future__ import annotations
 
-from smolhub_hub.convert_llama import embeddings_from_hf, embeddings_to_hf, swiglu_from_hf, swiglu_to_hf
+from smolhub_hub.convert_llama import (embeddings_from_hf, embeddings_to_hf, norms_from_hf, norms_to_hf, swiglu_from_hf,
+                                       swiglu_to_hf)
 
 REMOTE_CODE = False
 
@@ -74,8 +75,7 @@ def to_hf(sd: dict, cfg) -> dict:
     out = embeddings_to_hf(sd)
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        out[f"{theirs}.input_layernorm.weight"] = sd[f"{ours}.attn_norm.weight"]
-        out[f"{theirs}.post_attention_layernorm.weight"] = sd[f"{ours}.ffn_norm.weight"]
+        out.update(norms_to_hf(sd, ours, theirs))
         for a, b in ATTENTION:
             if f"{ours}.attn.{a}.weight" in sd:
                 out[f"{theirs}.self_attn.{b}.weight"] = sd[f"{ours}.attn.{a}.weight"]
@@ -90,8 +90,7 @@ def from_hf(sd: dict, cfg) -> dict:
     out = embeddings_from_hf(sd)
     for i in range(cfg.n_layer):
         theirs, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.attn_norm.weight"] = sd[f"{theirs}.input_layernorm.weight"]
-        out[f"{ours}.ffn_norm.weight"] = sd[f"{theirs}.post_attention_layernorm.weight"]
+        out.update(norms_from_hf(sd, theirs, ours))
         for a, b in ATTENTION:
             if f"{theirs}.self_attn.{b}.weight" in sd:
                 out[f"{ours}.attn.{a}.weight"] = sd[f"{theirs}.self_attn.{b}.weight"]

@@ -52,6 +52,17 @@ def swiglu_from_hf(sd: dict, theirs: str, ours: str) -> dict:
     return {f"{ours}.gate_up.weight": gate_up, f"{ours}.down.weight": sd[f"{theirs}.down_proj.weight"]}
 
 
+def norms_to_hf(sd: dict, ours: str, theirs: str) -> dict:
+    """A pre-norm block's two norms, as Llama, Mixtral and DeepseekV3 name them."""
+    return {f"{theirs}.input_layernorm.weight": sd[f"{ours}.attn_norm.weight"],
+            f"{theirs}.post_attention_layernorm.weight": sd[f"{ours}.ffn_norm.weight"]}
+
+
+def norms_from_hf(sd: dict, theirs: str, ours: str) -> dict:
+    return {f"{ours}.attn_norm.weight": sd[f"{theirs}.input_layernorm.weight"],
+            f"{ours}.ffn_norm.weight": sd[f"{theirs}.post_attention_layernorm.weight"]}
+
+
 def embeddings_to_hf(sd: dict) -> dict:
     return {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"],
             "lm_head.weight": sd["lm_head.weight"]}
@@ -66,8 +77,7 @@ def to_hf(sd: dict, cfg) -> dict:
     out = embeddings_to_hf(sd)
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        out[f"{theirs}.input_layernorm.weight"] = sd[f"{ours}.attn_norm.weight"]
-        out[f"{theirs}.post_attention_layernorm.weight"] = sd[f"{ours}.ffn_norm.weight"]
+        out.update(norms_to_hf(sd, ours, theirs))
         out.update(attention_to_hf(sd, f"{ours}.attn", f"{theirs}.self_attn", cfg))
         out.update(swiglu_to_hf(sd, f"{ours}.ffn", f"{theirs}.mlp"))
     return out
@@ -77,8 +87,7 @@ def from_hf(sd: dict, cfg) -> dict:
     out = embeddings_from_hf(sd)
     for i in range(cfg.n_layer):
         theirs, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.attn_norm.weight"] = sd[f"{theirs}.input_layernorm.weight"]
-        out[f"{ours}.ffn_norm.weight"] = sd[f"{theirs}.post_attention_layernorm.weight"]
+        out.update(norms_from_hf(sd, theirs, ours))
         out.update(attention_from_hf(sd, f"{theirs}.self_attn", f"{ours}.attn"))
         out.update(swiglu_from_hf(sd, f"{theirs}.mlp", f"{ours}.ffn"))
     return out

@@ -9,7 +9,8 @@ save_pretrained then writes the Hub's per-expert w1/w2/w3 files.
 from __future__ import annotations
 
 from smolhub.errors import UserError
-from smolhub_hub.convert_llama import attention_from_hf, attention_to_hf, embeddings_from_hf, embeddings_to_hf
+from smolhub_hub.convert_llama import (attention_from_hf, attention_to_hf, embeddings_from_hf, embeddings_to_hf,
+                                       norms_from_hf, norms_to_hf)
 
 REMOTE_CODE = False
 
@@ -46,8 +47,7 @@ def to_hf(sd: dict, cfg) -> dict:
     out = embeddings_to_hf(sd)
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        out[f"{theirs}.input_layernorm.weight"] = sd[f"{ours}.attn_norm.weight"]
-        out[f"{theirs}.post_attention_layernorm.weight"] = sd[f"{ours}.ffn_norm.weight"]
+        out.update(norms_to_hf(sd, ours, theirs))
         out.update(attention_to_hf(sd, f"{ours}.attn", f"{theirs}.self_attn", cfg))
         out[f"{theirs}.mlp.gate.weight"] = sd[f"{ours}.moe.router.gate.weight"]
         out[f"{theirs}.mlp.experts.gate_up_proj"] = sd[f"{ours}.moe.experts.gate_up"].transpose(1, 2).contiguous()
@@ -59,8 +59,7 @@ def from_hf(sd: dict, cfg) -> dict:
     out = embeddings_from_hf(sd)
     for i in range(cfg.n_layer):
         theirs, ours = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{ours}.attn_norm.weight"] = sd[f"{theirs}.input_layernorm.weight"]
-        out[f"{ours}.ffn_norm.weight"] = sd[f"{theirs}.post_attention_layernorm.weight"]
+        out.update(norms_from_hf(sd, theirs, ours))
         out.update(attention_from_hf(sd, f"{theirs}.self_attn", f"{ours}.attn"))
         out[f"{ours}.moe.router.gate.weight"] = sd[f"{theirs}.mlp.gate.weight"]
         out[f"{ours}.moe.experts.gate_up"] = sd[f"{theirs}.mlp.experts.gate_up_proj"].transpose(1, 2)

@@ -103,6 +103,19 @@ def test_cached_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-6, atol=1e-6)
 
 
+def test_static_shape_decoding_with_tensor_positions_equals_full_forward():
+    """The CUDA-graph decode path (whole-context latent cache, positions as tensors), run eagerly."""
+    torch.manual_seed(0)
+    model = StoryKimi(tiny_config()).double().eval()
+    idx = torch.randint(0, 320, (2, 30))
+    full, _ = model(idx)
+    cache = model.make_kv_cache(2, model.config.block_size, "cpu", torch.float64)
+    logits = [model(idx[:, :10], kv_cache=cache, start_pos=0)[0]]
+    for t in range(10, 30):
+        logits.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=torch.tensor(t))[0])
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-6, atol=1e-6)
+
+
 def test_kv_cache_holds_only_the_latent_and_the_rotary_key():
     cfg = StoryKimiConfig(vocab_size=32000)
     with torch.device("meta"):

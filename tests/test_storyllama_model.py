@@ -123,3 +123,20 @@ def test_static_shape_decoding_with_tensor_positions_equals_full_forward():
     for t in range(10, 30):
         steps.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=torch.tensor(t))[0])
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_decode_step_equals_the_full_forward(tmp_path, monkeypatch):
+    """The decode step that CUDA graphs replay compiles as one graph (fullgraph=True) and computes the
+    same logits; on CPU inductor compiles it without the graph capture."""
+    from smolhub.generate import CompiledDecoder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(7)
+    model = StoryLlama(tiny_config(block_size=32)).eval()
+    idx = torch.randint(0, 320, (1, 12))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        decoder = CompiledDecoder(model, 1, torch.device("cpu"), torch.float32)
+        model(idx[:, :9], kv_cache=decoder.cache, start_pos=0)
+        steps = [decoder.step(idx[:, t:t + 1], torch.tensor(t)).clone() for t in range(9, 12)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 9:12], rtol=1e-4, atol=1e-4)

@@ -222,3 +222,18 @@ def test_trainer_runs_as_a_module_from_the_repo_root(tmp_path):
     proc = run_script(["-m", "StoryLlama.trainer", *tiny_train_args(tmp_path / "o", tmp_path / "d",
                                                                      "--max_steps", "2")[1:]], REPO, tmp_path)
     assert "done: step 2" in proc.stdout
+
+
+def test_wandb_online_without_a_key_falls_back_to_offline(tmp_path):
+    env = script_env(tmp_path)
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        env.pop(key, None)
+    env["HOME"] = str(tmp_path)  # no ~/.netrc with a wandb key
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, *tiny_train_args(out, tmp_path / "data", "--max_steps", "3",
+                                                            "--wandb_mode", "online")],
+                          cwd=LLAMA, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "logging offline" in proc.stdout + proc.stderr
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (out / "wandb_run_id").read_text() in runs[0].name

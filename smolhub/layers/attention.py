@@ -12,6 +12,8 @@ class KVCache:
 
     Preallocation keeps decoding free of reallocations (and its shapes static)."""
 
+    static_positions = True  # takes start_pos as a device tensor: CUDA-graph decoding can use it
+
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
@@ -40,7 +42,7 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class SlidingWindowKVCache:
+class SlidingWindowKVCache(KVCache):
     """Keys/values of one layer's last `window` positions, in a ring buffer (slot = position % window).
 
     A windowed layer never looks further back, so memory stays (batch, n_kv_heads, window, head_dim)
@@ -49,12 +51,6 @@ class SlidingWindowKVCache:
     start_pos alone, with no position state to mutate (which keeps decode steps CUDA-graph friendly).
     Keys are cached after RoPE, at their absolute positions, so their order in the buffer does not matter.
     """
-
-    def __init__(self, batch_size: int, n_kv_heads: int, window: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype):
-        shape = (batch_size, n_kv_heads, window, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     @property
     def window(self) -> int:
