@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, script_env, tiny_train_args
+from conftest import REPO, SHAKESPEARE, assert_tensor_position_decoding_matches, script_env, tiny_train_args
 from smolhub.generate import SamplingConfig, generate_ids
 from smolhub.layers import (CausalSelfAttention, KVCache, NoisyTopKRouter, RotaryEmbedding, SlidingWindowKVCache,
                             SoftmaxTopKRouter, apply_rotary)
@@ -155,16 +155,8 @@ def test_cached_decoding_equals_full_forward(name, overrides):
 
 @pytest.mark.parametrize("name,overrides", [("SmolMixtral", {}), ("StoryMixtral", {"sliding_window": 8})])
 def test_static_shape_decoding_with_tensor_positions_equals_full_forward(name, overrides):
-    """The CUDA-graph decode path (positions as device tensors, whole-context cache), run eagerly."""
     torch.manual_seed(0)
-    model = tiny(name, **overrides).double().eval()
-    idx = torch.randint(0, 320, (2, 30))
-    full, _ = model(idx)
-    cache = model.make_kv_cache(2, model.config.block_size, "cpu", torch.float64)
-    logits = [model(idx[:, :10], kv_cache=cache, start_pos=0)[0]]
-    for t in range(10, 30):
-        logits.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=torch.tensor(t))[0])
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-9, atol=1e-9)
+    assert_tensor_position_decoding_matches(tiny(name, **overrides).double().eval(), 320)
 
 
 def test_greedy_generation_beyond_the_window_same_with_and_without_cache():

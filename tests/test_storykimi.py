@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHAKESPEARE, run_script
+from conftest import REPO, SHAKESPEARE, assert_tensor_position_decoding_matches, run_script
 from smolhub.checkpoint import load_trainer_state
 from smolhub.generate import SamplingConfig, generate_ids
 from smolhub.layers import RotaryEmbedding, SwiGLU, apply_rotary
@@ -104,16 +104,9 @@ def test_cached_decoding_equals_full_forward():
 
 
 def test_static_shape_decoding_with_tensor_positions_equals_full_forward():
-    """The CUDA-graph decode path (whole-context latent cache, positions as tensors), run eagerly."""
+    # RMSNorm normalises in fp32 even in a float64 model, and the absorbed form sums in another order
     torch.manual_seed(0)
-    model = StoryKimi(tiny_config()).double().eval()
-    idx = torch.randint(0, 320, (2, 30))
-    full, _ = model(idx)
-    cache = model.make_kv_cache(2, model.config.block_size, "cpu", torch.float64)
-    logits = [model(idx[:, :10], kv_cache=cache, start_pos=0)[0]]
-    for t in range(10, 30):
-        logits.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=torch.tensor(t))[0])
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-6, atol=1e-6)
+    assert_tensor_position_decoding_matches(StoryKimi(tiny_config()).double().eval(), 320, tol=1e-6)
 
 
 def test_kv_cache_holds_only_the_latent_and_the_rotary_key():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import assert_tensor_position_decoding_matches
 from smolhub.generate import SamplingConfig, generate_ids, sample_next
 from StoryLlama.config import PRESETS, StoryLlamaConfig
 from StoryLlama.model import StoryLlama
@@ -110,19 +111,8 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_static_shape_decoding_with_tensor_positions_equals_full_forward():
-    """The CUDA-graph decode path (whole-context cache, position as a tensor), run eagerly here."""
     torch.manual_seed(6)
-    model = StoryLlama(tiny_config()).double().eval()
-    idx = torch.randint(0, 320, (2, 30))
-    full, _ = model(idx)
-    cache = model.make_kv_cache(2, model.config.block_size, "cpu", torch.float64)
-    for layer in cache:  # garbage from an earlier generation must stay masked
-        layer.k.normal_()
-        layer.v.normal_()
-    steps = [model(idx[:, :10], kv_cache=cache, start_pos=0)[0]]
-    for t in range(10, 30):
-        steps.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=torch.tensor(t))[0])
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+    assert_tensor_position_decoding_matches(StoryLlama(tiny_config()).double().eval(), 320)
 
 
 def test_compiled_decode_step_equals_the_full_forward(tmp_path, monkeypatch):
