@@ -13,7 +13,6 @@ For a given seed the text equals `smolhub.inference.generate_text` with the same
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
@@ -304,19 +303,18 @@ def main(architecture: str, argv: list[str] | None = None) -> None:
     serve(build_app(model, architecture, args.max_prompt_chars, args.max_new_tokens_limit), args)
 
 
+@dataclass
+class CompareArgs:
+    checkpoints: list[str] = option([], "Two or more checkpoint folders, out_dirs or Hub repo ids, side by side.")
+
+
 def compare_main(argv: list[str] | None = None) -> None:
-    # --checkpoints takes several values, which parse_cli's type checks do not handle; it is split
-    # off here and the serving flags go through parse_cli like every other script's
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--checkpoints", nargs="*", default=[])
-    known, rest = pre.parse_known_args(argv)
-    (args,) = parse_cli((ServeArgs,), {}, rest, prog="python -m smolhub.app compare",
-                        description="Compare checkpoints side by side. --checkpoints A B [...] (required): "
-                                    "checkpoint folders, out_dirs or Hub repo ids.")
-    if len(known.checkpoints) < 2:
+    compare, args = parse_cli((CompareArgs, ServeArgs), {}, argv, prog="python -m smolhub.app compare",
+                              description="Compare checkpoints side by side.")
+    if len(compare.checkpoints) < 2:
         raise UserError("--checkpoints needs at least two checkpoints to compare, e.g. "
                         "--checkpoints StoryLlama/out/StoryLlama StoryMixtral/out/StoryMixtral")
-    models = [load_model(c, args.device) for c in known.checkpoints]
+    models = [load_model(c, args.device) for c in compare.checkpoints]
     serve(build_compare_app(models, args.max_prompt_chars, args.max_new_tokens_limit), args)
 
 

@@ -18,7 +18,9 @@ from smolhub.errors import UserError
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text shows up in `--help`."""
+    """A dataclass field whose help text shows up in `--help` (a list default becomes a factory)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -268,7 +270,8 @@ def parse_cli(dataclass_types: tuple[type, ...], presets: dict[str, dict], argv:
         raise UserError(f"unknown config fields {unknown}; run with --help to see every field")
 
     parser = _hf_parser(dataclass_types, prog, description)
-    parser.add_argument("--preset", choices=sorted(presets), help="Named set of defaults (e.g. tiny).")
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="Named set of defaults (e.g. tiny).")
     parser.add_argument("--config", help="JSON or YAML file of field: value pairs.")
     parser.set_defaults(**overrides)
     try:
