@@ -25,7 +25,7 @@ import gradio as gr
 from smolhub.cli import run_main
 from smolhub.config import option, parse_cli
 from smolhub.errors import UserError
-from smolhub.generate import SamplingConfig, stream_text
+from smolhub.generate import SamplingConfig, TextStream, stream_text
 from smolhub.inference import load_model
 
 EXAMPLES = ("Once upon a time", "One day, a little girl named Lily found",
@@ -96,8 +96,12 @@ class Timed:
     """A text stream that adds up the time spent producing its pieces, so the speed shown is the
     model's, not including the time the app spends sending each piece to the browser."""
 
-    def __init__(self, pieces: Iterator[str]):
+    def __init__(self, pieces: TextStream):
         self.pieces, self.seconds = pieces, 0.0
+
+    def speed(self) -> str:
+        n = self.pieces.n_tokens
+        return f"{n} tokens in {self.seconds:.2f} s, {n / max(self.seconds, 1e-9):.1f} tokens/s"
 
     def __iter__(self):
         return self
@@ -108,13 +112,6 @@ class Timed:
             return next(self.pieces)
         finally:
             self.seconds += time.perf_counter() - start
-
-
-def speed(model, continuation: str, seconds: float) -> str:
-    # stream_text yields text, not tokens, so the count comes from re-encoding the text: close to
-    # the number sampled for a trained model, higher for one whose output is not valid UTF-8
-    n = len(model.tokenizer.encode(continuation, add_special_tokens=False))
-    return f"{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s"
 
 
 def model_card(model) -> str:
@@ -175,7 +172,7 @@ def build_app(model, title: str, max_prompt_chars: int = 2000, max_new_tokens_li
         except UserError as e:
             # a user mistake: show it in the page, keep the server log for real failures
             raise gr.Error(str(e), print_exception=False) from None
-        yield text, f"{speed(model, text[len(prompt):], pieces.seconds)}, seed {cfg.seed}"
+        yield text, f"{pieces.speed()}, seed {cfg.seed}"
 
     def generate(prompt: str, max_new_tokens: int = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens),
                  temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K,
@@ -227,8 +224,7 @@ def build_compare_app(models: Sequence, max_prompt_chars: int = 2000, max_new_to
                     piece = next(streams[i], None)
                     if piece is None:
                         running.discard(i)
-                        made = speed(models[i], texts[i][len(prompt):], streams[i].seconds)
-                        stats[i] = f"{made}, seed {cfg.seed}"
+                        stats[i] = f"{streams[i].speed()}, seed {cfg.seed}"
                     else:
                         texts[i] += piece
                 # a status goes out only when it changes, as in build_app

@@ -194,43 +194,66 @@ def _vocab_limit(tokenizer) -> int:
     return len(tokenizer)
 
 
-def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
-    """Yield the continuation of one prompt piece by piece as text (without the prompt)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
-    out: list[int] = []
-    emitted = ""
-    for token in generate_ids(model, ids, cfg, tokenizer.eos_token_id, _vocab_limit(tokenizer)):
-        t = int(token[0])
-        if cfg.stop_at_eos and t == tokenizer.eos_token_id:
-            break
-        out.append(t)
+class TextStream:
+    """The continuation of one prompt (without the prompt), piece by piece as text; `n_tokens` counts
+    the tokens sampled so far (a piece can hold several, or wait for the rest of a UTF-8 character)."""
+
+    def __init__(self, model, tokenizer, prompt: str, cfg: SamplingConfig):
+        device = next(model.parameters()).device
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+        self.n_tokens = 0
+        self._pieces = self._decode(generate_ids(model, ids, cfg, tokenizer.eos_token_id, _vocab_limit(tokenizer)),
+                                    tokenizer, cfg.stop_at_eos)
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _decode(self, tokens: Iterator[torch.Tensor], tokenizer, stop_at_eos: bool) -> Iterator[str]:
+        out: list[int] = []
+        emitted = ""
+        for token in tokens:
+            t = int(token[0])
+            if stop_at_eos and t == tokenizer.eos_token_id:
+                break
+            out.append(t)
+            self.n_tokens += 1
+            text = tokenizer.decode(out)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
         text = tokenizer.decode(out)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
-            continue
         if len(text) > len(emitted):
             yield text[len(emitted):]
-            emitted = text
-    text = tokenizer.decode(out)
-    if len(text) > len(emitted):
-        yield text[len(emitted):]
 
 
-def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig) -> list[str]:
-    """Continuations of several prompts. Prompts of equal token length share one batched decode."""
+def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> TextStream:
+    """Iterate over the continuation of one prompt as text pieces (see TextStream)."""
+    return TextStream(model, tokenizer, prompt, cfg)
+
+
+def continuation_ids(model, tokenizer, prompts: list[str], cfg: SamplingConfig) -> list[list[int]]:
+    """The new tokens of several prompts (up to EOS). Prompts of equal token length share one batched decode."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
-    results: list[str] = [""] * len(prompts)
+    results: list[list[int]] = [[] for _ in prompts]
     eos = tokenizer.eos_token_id
     for idxs in by_len.values():
         batch = torch.tensor([encoded[i] for i in idxs], device=device)
         steps = list(generate_ids(model, batch, cfg, eos, _vocab_limit(tokenizer)))
         tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idxs]
         for row, i in zip(tokens, idxs):
-            if cfg.stop_at_eos and eos in row:
-                row = row[:row.index(eos)]
-            results[i] = tokenizer.decode(row)
+            results[i] = row[:row.index(eos)] if cfg.stop_at_eos and eos in row else row
     return results
+
+
+def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig) -> list[str]:
+    """The continuations of several prompts, as text."""
+    return [tokenizer.decode(ids) for ids in continuation_ids(model, tokenizer, prompts, cfg)]

@@ -12,7 +12,7 @@ import torch
 from smolhub.checkpoint import load_checkpoint
 from smolhub.config import option, parse_cli
 from smolhub.errors import UserError
-from smolhub.generate import SamplingConfig, generate_batch, stream_text
+from smolhub.generate import SamplingConfig, continuation_ids, generate_batch, stream_text
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -95,20 +95,21 @@ def main(argv: list[str] | None = None, prog: str = "inference.py") -> None:
     start = time.perf_counter()
     if args.stream:
         print(prompts[0], end="", flush=True)
+        stream = stream_text(model, tokenizer, prompts[0], cfg)
         pieces = []
-        for piece in stream_text(model, tokenizer, prompts[0], cfg):
+        for piece in stream:
             pieces.append(piece)
             print(piece, end="", flush=True)
         print()
-        completions = ["".join(pieces)]
+        completions, counts = ["".join(pieces)], [stream.n_tokens]
     else:
-        completions = generate_batch(model, tokenizer, prompts, cfg)
+        ids = continuation_ids(model, tokenizer, prompts, cfg)
+        completions, counts = [tokenizer.decode(i) for i in ids], [len(i) for i in ids]
     elapsed = time.perf_counter() - start
-    n_tokens = sum(len(tokenizer.encode(c, add_special_tokens=False)) for c in completions)
+    n_tokens = sum(counts)
     if args.json:
-        for p, c in zip(prompts, completions):
-            print(json.dumps({"prompt": p, "completion": c, "tokens": len(tokenizer.encode(c)),
-                              "tokens_per_s": n_tokens / elapsed}))
+        for p, c, n in zip(prompts, completions, counts):
+            print(json.dumps({"prompt": p, "completion": c, "tokens": n, "tokens_per_s": n_tokens / elapsed}))
     elif not args.stream:
         for p, c in zip(prompts, completions):
             print(p + c)

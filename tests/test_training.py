@@ -47,6 +47,7 @@ def test_inference_cli_and_python_api(trained, tmp_path):
                        "--max_new_tokens", "20", "--json"], LLAMA)
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["prompt"] == "ROMEO:" and record["completion"] and record["tokens_per_s"] > 0
+    assert 0 < record["tokens"] <= 20
     code = ("from inference import load_model, generate_text\n"
             f"model = load_model({str(trained)!r})\n"
             "print(repr(generate_text(model=model, prompt='ROMEO:', max_length=20, temperature=0)))\n")
