@@ -27,18 +27,15 @@ import torch.nn.functional as F
 from benchmarks.common import pairs
 from smolhub.config import TrainConfig
 from smolhub.data import PackedLoader, iter_documents, prepare_dataset
+from smolhub.data.__main__ import parse_count
 from smolhub.data.sources import dataset_identity
 from smolhub.modeling import model_class
 from smolhub.optim import adamw_param_groups, build_optimizer, build_scheduler
 from smolhub.tokenizer import build_tokenizer, gpt2_tokenizer
+from smolhub.train import Runtime, evaluate
 
 GPT2_MODELS = {"SmolTransformer", "StoryLlama"}
 RESIDUAL_SUFFIXES = ("o_proj.weight", "down_proj.weight", "c_proj.weight", "down_proj")
-
-
-def parse_count(text: str) -> int:
-    scale = {"k": 10**3, "M": 10**6, "B": 10**9}
-    return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
 
 
 def init_like_ours(model: torch.nn.Module, n_layer: int, std: float = 0.02) -> None:
@@ -65,18 +62,6 @@ class HFSide(torch.nn.Module):
         return None, loss if aux is None else loss + self.aux_weight * aux
 
 
-def evaluate(fwd, val_shards, dtype, batch, seq_len, n_batches, device, amp) -> float:
-    loader = PackedLoader(val_shards, dtype, batch, seq_len, shuffle=False)
-    total = 0.0
-    with torch.no_grad():
-        for _ in range(n_batches):
-            x, y = loader.next_batch()
-            with amp:
-                _, loss = fwd(x.to(device), y.to(device))
-            total += loss.float().item()
-    return total / n_batches
-
-
 def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str, data, args, seq_len: int,
               batch: int, steps: int, seed: int, device: torch.device) -> dict:
     cfg = TrainConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, steps // 20), max_steps=steps,
@@ -91,6 +76,10 @@ def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str,
     fwd = torch.compile(model) if device.type == "cuda" and not args.no_compile else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loader = PackedLoader(data.train_shards, data.dtype, batch, seq_len, seed=seed)
+    runtime = Runtime(rank=0, local_rank=0, world_size=1, device=device)
+
+    def val_loader():
+        return PackedLoader(data.val_shards, data.dtype, batch, seq_len, shuffle=False)
     eval_every = max(1, steps // args.evals)
     curve, t_train = [], 0.0
     if device.type == "cuda":
@@ -115,9 +104,7 @@ def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str,
         if step > 2:  # the first steps compile
             t_train += time.perf_counter() - t0
         if step % eval_every == 0 or step == steps:
-            model.eval()
-            val = evaluate(fwd, data.val_shards, data.dtype, batch, seq_len, args.eval_batches, device, amp)
-            model.train()
+            val = evaluate(fwd, val_loader, args.eval_batches, amp, runtime)
             curve.append({"step": step, "tokens": step * batch * seq_len, "train_loss": loss.item(), "val_loss": val})
             print(f"  {label:<34} step {step:>5}/{steps}  train {loss.item():.4f}  val {val:.4f}", flush=True)
     timed_tokens = (steps - 2) * batch * seq_len

@@ -190,10 +190,6 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def _vocab_limit(tokenizer) -> int:
-    return len(tokenizer)
-
-
 class TextStream:
     """The continuation of one prompt (without the prompt), piece by piece as text; `n_tokens` counts
     the tokens sampled so far (a piece can hold several, or wait for the rest of a UTF-8 character)."""
@@ -202,7 +198,7 @@ class TextStream:
         device = next(model.parameters()).device
         ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
         self.n_tokens = 0
-        self._pieces = self._decode(generate_ids(model, ids, cfg, tokenizer.eos_token_id, _vocab_limit(tokenizer)),
+        self._pieces = self._decode(generate_ids(model, ids, cfg, tokenizer.eos_token_id, len(tokenizer)),
                                     tokenizer, cfg.stop_at_eos)
 
     def __iter__(self) -> "TextStream":
@@ -247,7 +243,7 @@ def continuation_ids(model, tokenizer, prompts: list[str], cfg: SamplingConfig) 
     eos = tokenizer.eos_token_id
     for idxs in by_len.values():
         batch = torch.tensor([encoded[i] for i in idxs], device=device)
-        steps = list(generate_ids(model, batch, cfg, eos, _vocab_limit(tokenizer)))
+        steps = list(generate_ids(model, batch, cfg, eos, len(tokenizer)))
         tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idxs]
         for row, i in zip(tokens, idxs):
             results[i] = row[:row.index(eos)] if cfg.stop_at_eos and eos in row else row

@@ -28,9 +28,8 @@ class MetricsLogger:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
-        resumed = start_step > 0
         if cfg.wandb_mode != "disabled":
-            self.wandb = _start_wandb(cfg, run_config, out_dir, resumed)
+            self.wandb = _start_wandb(cfg, run_config, out_dir, resumed=start_step > 0)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

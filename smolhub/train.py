@@ -244,9 +244,10 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
 
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
     fwd_model = torch.compile(model) if use_compile else model
-    train_model = (torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=[rt.device.index])
-                   if rt.distributed and rt.device.type == "cuda"
-                   else torch.nn.parallel.DistributedDataParallel(fwd_model) if rt.distributed else fwd_model)
+    train_model = fwd_model
+    if rt.distributed:
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=device_ids)
 
     accum = grad_accum_steps(cfg, mcfg.block_size, rt.world_size)
     tokens_per_step = accum * cfg.batch_size * mcfg.block_size * rt.world_size
@@ -317,31 +318,31 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
             pbar.update(1)
 
             last = step == cfg.max_steps
-            if step % cfg.log_interval == 0 or last:
+            logging = step % cfg.log_interval == 0 or last
+            evaluating = step % cfg.eval_interval == 0 or last
+            record = {"step": step, "tokens": tokens_seen}
+            if logging:
                 loss_val = mean_over_ranks(loss_window / steps_in_window, rt)
                 if rt.device.type == "cuda":
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - t_last
-                tok_s = tokens_since / dt
-                record = {"step": step, "tokens": tokens_seen, "loss": loss_val,
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "tok_per_s": tok_s,
-                          "seq_len": seq_len, **model.train_metrics()}
+                tok_s = tokens_since / (time.perf_counter() - t_last)
+                record.update(loss=loss_val, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
+                              tok_per_s=tok_s, seq_len=seq_len, **model.train_metrics())
                 if peak_flops:
                     record["mfu"] = model.flops_per_token(seq_len) * tok_s / (peak_flops * rt.world_size)
-                if step % cfg.eval_interval == 0 or last:
-                    last_val = record["val_loss"] = evaluate(fwd_model, val_loader, cfg.eval_batches, amp, rt)
+                loss_window.zero_()
+                steps_in_window = 0
+            if evaluating:
+                last_val = record["val_loss"] = evaluate(fwd_model, val_loader, cfg.eval_batches, amp, rt)
+            if logging or evaluating:
                 logger.log(record)
+            if logging:
                 postfix = {"loss": f"{loss_val:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"}
                 if "mfu" in record:
                     postfix["mfu"] = f"{record['mfu']:.1%}"
                 if "val_loss" in record:
                     postfix["val"] = f"{last_val:.3f}"
                 pbar.set_postfix(postfix)
-                loss_window.zero_()
-                steps_in_window = 0
-            elif step % cfg.eval_interval == 0:
-                last_val = evaluate(fwd_model, val_loader, cfg.eval_batches, amp, rt)
-                logger.log({"step": step, "tokens": tokens_seen, "val_loss": last_val})
             if rt.is_main and cfg.sample_interval and (step % cfg.sample_interval == 0 or last):
                 logger.write(f"step {step} sample: {cfg.sample_prompt}{sample(model, tokenizer, cfg, amp)}")
             stopping = stop.agreed(rt)
@@ -351,7 +352,7 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
             if stopping:
                 logger.write(f"stopped by signal at step {step}; resume with --resume")
                 break
-            if step % cfg.log_interval == 0 or last:
+            if logging:
                 t_last, tokens_since = time.perf_counter(), 0
     finally:
         stop.restore()
