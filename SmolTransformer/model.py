@@ -46,7 +46,7 @@ class SmolTransformer(CausalLM):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: list[KVCache] | None = None, start_pos: int = 0):
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(start_pos, idx.size(1)))
+        x = self.drop(self.residual_stream(self.tok_emb(idx) + self.pos_emb(start_pos, idx.size(1))))
         for i, block in enumerate(self.blocks):
             x = self.run_block(block, x, kv_cache[i] if kv_cache else None, start_pos)
         return self.logits_and_loss(self.norm(x), targets)

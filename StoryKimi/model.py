@@ -47,7 +47,7 @@ class StoryKimi(CausalLM):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: list[MLACache] | None = None, start_pos: int = 0):
-        x = self.tok_emb(idx)
+        x = self.residual_stream(self.tok_emb(idx))
         rope = self.rope(start_pos, idx.size(1))
         for i, block in enumerate(self.blocks):
             x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos)

@@ -2,8 +2,11 @@
 
 Greedy, bf16 weights, a 64-token prompt, 256 new tokens (EOS ignored so every run makes all 256),
 batch 1 and 16. Warm figures are the median of --repeats calls after one untimed full-length call;
-the first call in the process is reported separately. transformers runs with its default dynamic
-cache and with cache_implementation="static" (which compiles the decode step).
+the first call in the process is reported separately. SmolHub runs its default decoder (the eager
+step captured as a CUDA graph) and the compiled one (load_model(compile=True)); peak memory is
+that of the default decoder's calls: weights, the whole-context KV cache and the graph's buffers.
+transformers runs with its default dynamic cache and with cache_implementation="static" (which
+compiles the decode step).
 
     python -m benchmarks.decode_speed --models StoryLlama --json out.json
 """
@@ -50,13 +53,20 @@ def main():
         pair = pairs()[name]
         torch.manual_seed(0)
         model = pair.build_ours().cuda().to(torch.bfloat16).eval()
+        weights = torch.cuda.memory_allocated()
         hf = None if args.no_baseline else pair.build_baseline(model.config).cuda().to(torch.bfloat16).eval()
         for batch in args.batches:
             prompt = torch.randint(0, 1000, (batch, args.prompt_len), device="cuda")
             n = batch * args.new_tokens
             cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0)
+            torch.cuda.reset_peak_memory_stats()
+            others = torch.cuda.memory_allocated() - weights  # the transformers twin, when loaded
             row = {"model": name, "batch": batch,
                    "ours": measure(lambda: list(generate_ids(model, prompt, cfg)), n, args.repeats)}
+            row["ours"]["peak_gib"] = (torch.cuda.max_memory_allocated() - others) / 2**30
+            model.compile_decode = True  # as load_model(compile=True) sets it
+            row["ours_compiled"] = measure(lambda: list(generate_ids(model, prompt, cfg)), n, args.repeats)
+            model.compile_decode = False
             if hf is not None:
                 for impl in ("dynamic", "static"):
                     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
@@ -69,12 +79,15 @@ def main():
         del model, hf
         gc.collect()
         torch.cuda.empty_cache()
-    print(f"\n{'model':<14}{'B':>4}{'ours':>10}{'(first)':>10}{'hf dyn':>10}{'hf static':>11}{'vs static':>11}")
+    print(f"\n{'model':<16}{'B':>4}{'ours':>9}{'(first)':>9}{'GiB':>6}{'compiled':>10}{'(first)':>9}"
+          f"{'hf dyn':>9}{'hf static':>11}{'vs static':>11}")
     for r in rows:
-        line = f"{r['model']:<14}{r['batch']:>4}{r['ours']['tok_per_s']:>10,.0f}{r['ours']['first_tok_per_s']:>10,.0f}"
+        o, c = r["ours"], r["ours_compiled"]
+        line = (f"{r['model']:<16}{r['batch']:>4}{o['tok_per_s']:>9,.0f}{o['first_tok_per_s']:>9,.0f}"
+                f"{o['peak_gib']:>6.2f}{c['tok_per_s']:>10,.0f}{c['first_tok_per_s']:>9,.0f}")
         if "hf_dynamic" in r:
             line += (f"{r['hf_dynamic']['tok_per_s']:>10,.0f}{r['hf_static']['tok_per_s']:>11,.0f}"
-                     f"{r['ours']['tok_per_s'] / r['hf_static']['tok_per_s']:>10.2f}x")
+                     f"{max(o['tok_per_s'], c['tok_per_s']) / r['hf_static']['tok_per_s']:>10.2f}x")
         print(line)
     if args.json:
         with open(args.json, "w") as f:

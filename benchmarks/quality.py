@@ -9,7 +9,8 @@ applied to the transformers model too). The transformers side gets its own auxil
 
     python -m benchmarks.quality --data path/to/gutenberg --gpt2 path/to/gpt2 --tokens 10M --out results/
 
-Writes results.json, a loss-curve PNG per pair and a table. On CPU (`--device cpu`) it runs the
+Writes results.json (one entry per model, so runs of different models can be split over several
+invocations), a loss-curve PNG per pair, three samples from each trained SmolHub model and a table. On CPU (`--device cpu`) it runs the
 same code at toy sizes, which the test suite uses so that it cannot rot.
 """
 from __future__ import annotations
@@ -29,12 +30,15 @@ from smolhub.config import TrainConfig
 from smolhub.data import PackedLoader, iter_documents, prepare_dataset
 from smolhub.data.__main__ import parse_count
 from smolhub.data.sources import dataset_identity
+from smolhub.generate import SamplingConfig, generate_batch
 from smolhub.modeling import model_class
 from smolhub.optim import adamw_param_groups, build_optimizer, build_scheduler
 from smolhub.tokenizer import build_tokenizer, gpt2_tokenizer
 from smolhub.train import Runtime, evaluate
 
 GPT2_MODELS = {"SmolTransformer", "StoryLlama"}
+SAMPLE_PROMPTS = ["It was a dark and stormy night, and", "The old man looked at the sea and said",
+                  "Chapter I. In the year 1800,"]
 RESIDUAL_SUFFIXES = ("o_proj.weight", "down_proj.weight", "c_proj.weight", "down_proj")
 
 
@@ -108,7 +112,7 @@ def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str,
             curve.append({"step": step, "tokens": step * batch * seq_len, "train_loss": loss.item(), "val_loss": val})
             print(f"  {label:<34} step {step:>5}/{steps}  train {loss.item():.4f}  val {val:.4f}", flush=True)
     timed_tokens = (steps - 2) * batch * seq_len
-    return {"label": label, "val_loss": curve[-1]["val_loss"], "curve": curve,
+    return {"label": label, "val_loss": curve[-1]["val_loss"], "curve": curve, "train_s": t_train,
             "tok_per_s": timed_tokens / t_train if t_train > 0 else float("nan"),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
@@ -160,6 +164,15 @@ def plot(rows: list[dict], name: str, path: Path) -> None:
     plt.close(fig)
 
 
+def save_results(path: Path, result: dict) -> None:
+    """Add one model's runs to results.json (replacing an earlier entry of that model), via a temp file."""
+    saved = json.loads(path.read_text()) if path.exists() else []
+    saved = [r for r in saved if r["model"] != result["model"]] + [result]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved, indent=1))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="Folder of train*.txt(.gz) + valid*.txt(.gz) (the Gutenberg books).")
@@ -174,6 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--bpe_vocab", type=int, default=32000)
     p.add_argument("--num_proc", type=int, default=8)
     p.add_argument("--noise_seeds", type=int, default=2, help="Seeds of our first model, to measure run-to-run noise.")
+    p.add_argument("--sample_tokens", type=int, default=60, help="Length of the samples written after training.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no_compile", action="store_true", help="Eager on CUDA too (quicker to start; tok/s then "
                    "measures eager mode).")
@@ -213,13 +227,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 del ours
             runs.append(train_one(label, model, is_ours, optimizer, data, args, seq_len, batch, steps, 1337 + seed,
                                   device))
+            if len(runs) == 1:  # our model with its default optimizer: what it writes after training
+                model.eval()
+                cfg = SamplingConfig(max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, seed=0)
+                runs[0]["samples"] = [{"prompt": p, "text": t} for p, t in
+                                      zip(SAMPLE_PROMPTS, generate_batch(model, tokenizer, SAMPLE_PROMPTS, cfg))]
             del model
             if device.type == "cuda":
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
         plot(runs, name, out / f"quality_{name}.png")
         results.append({"model": name, "tokens": runs[0]["curve"][-1]["tokens"], "runs": runs})
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        save_results(out / "results.json", results[-1])
     print(f"\n{'model':<16}{'run':<38}{'tokens':>11}{'val loss':>10}{'tok/s':>11}{'GiB':>7}")
     for r in results:
         for run in r["runs"]:

@@ -269,6 +269,8 @@ class ServeArgs:
     max_new_tokens_limit: int = option(512, "Most tokens one request may generate (capped by the context).")
     max_prompt_chars: int = option(2000, "Longest prompt accepted, in characters.")
     concurrency: int = option(1, "Requests generated at once; the rest wait in the queue.")
+    compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s; the first request of each batch "
+                           "size waits ~20 s for the compiler).")
 
     def __post_init__(self) -> None:
         for name in ["max_new_tokens_limit", "max_prompt_chars", "concurrency"]:
@@ -291,7 +293,7 @@ def main(architecture: str, argv: list[str] | None = None) -> None:
                            description=f"Serve a {architecture} checkpoint as a web demo with a /generate API.")
     if not ckpt.checkpoint:
         raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
-    model = load_model(ckpt.checkpoint, args.device)
+    model = load_model(ckpt.checkpoint, args.device, compile=args.compile)
     if model.architecture != architecture:
         raise UserError(f"{ckpt.checkpoint} holds a {model.architecture} model, not {architecture}: "
                         f"run {model.architecture}/gradio/app.py instead")
@@ -310,7 +312,7 @@ def compare_main(argv: list[str] | None = None) -> None:
     if len(compare.checkpoints) < 2:
         raise UserError("--checkpoints needs at least two checkpoints to compare, e.g. "
                         "--checkpoints StoryLlama/out/StoryLlama StoryMixtral/out/StoryMixtral")
-    models = [load_model(c, args.device) for c in compare.checkpoints]
+    models = [load_model(c, args.device, compile=args.compile) for c in compare.checkpoints]
     serve(build_compare_app(models, args.max_prompt_chars, args.max_new_tokens_limit), args)
 
 

@@ -70,47 +70,79 @@ def fit_to_context(prompt_len: int, max_new_tokens: int, block_size: int) -> int
     return min(prompt_len, block_size - max_new_tokens)
 
 
-class CompiledDecoder:
-    """One-token decode steps as a CUDA graph: a static KV cache the length of the context, the
-    position passed as a device tensor, and the step compiled with mode="reduce-overhead".
+class GraphDecoder:
+    """One-token decode steps replayed as a CUDA graph: a static KV cache the length of the context,
+    the token and position in fixed device buffers, so every step has the same shapes and addresses.
 
-    Python launch overhead dominates small-model decoding (each step is ~100 tiny kernels), so
-    replaying one captured graph per token is what makes batch-1 decoding fast. The decoder and its
-    cache are kept on the model and reused by later calls, so only the first call compiles."""
+    Python launch overhead dominates small-model decoding (each step is a few hundred tiny kernels),
+    so replaying one captured graph per token is what makes batch-1 decoding fast. By default the
+    eager step is captured, which takes milliseconds, so the first generation waits for no compiler
+    (only for CUDA's one-time kernel loading and library setup). compile=True has torch.compile fuse
+    the step first (mode="reduce-overhead"): about twice the tokens/s, paid for by ~20 s of compiling
+    in the first call. The decoder and its cache are kept on the model and reused by later calls."""
 
     _create_lock = threading.Lock()
 
-    def __init__(self, model, batch_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, batch_size: int, device: torch.device, dtype: torch.dtype, compile: bool = False):
         self.model = model
         self.in_use = threading.Lock()  # one generation at a time owns the static cache
         self.cache = model.make_kv_cache(batch_size, model.config.block_size, device, dtype)
-        for layer in self.cache:  # fixed addresses let the graph read and write the buffers in place
-            for buffer in vars(layer).values():
-                if isinstance(buffer, torch.Tensor):
-                    torch._dynamo.mark_static_address(buffer)
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        if compile:
+            for layer in self.cache:  # fixed addresses let the graph read and write the buffers in place
+                for buffer in vars(layer).values():
+                    if isinstance(buffer, torch.Tensor):
+                        torch._dynamo.mark_static_address(buffer)
+            self.step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        else:
+            self.step = self._replay
+            self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
+            self.graph: torch.cuda.CUDAGraph | None = None
 
-    def _step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits, _ = self.model(token, kv_cache=self.cache, start_pos=pos)
         return logits[:, -1, :].float()
 
+    def _replay(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits of the next position, in a buffer the next step overwrites."""
+        self.token.copy_(token)
+        self.pos.copy_(pos)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        # the warm-up steps (cuBLAS workspaces, lazy inits) run on a side stream, as capture requires;
+        # they compute the real step, so writing its keys/values into the cache twice is harmless
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(self.token, self.pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward(self.token, self.pos)
+
     @staticmethod
     def usable(model, device: torch.device) -> bool:
-        """CUDA only, for models whose caches take tensor positions, unless compiling failed before."""
-        if device.type != "cuda" or getattr(model, "compiled_decode_failed", False):
+        """CUDA only, for models whose caches take tensor positions, unless capturing failed before."""
+        if device.type != "cuda" or getattr(model, "graph_decode_failed", False):
             return False
         probe = model.make_kv_cache(1, model.config.block_size, "meta", torch.float32)
         return all(getattr(layer, "static_positions", False) for layer in probe)
 
     @classmethod
-    def acquire(cls, model, batch_size: int, device: torch.device, dtype: torch.dtype) -> "CompiledDecoder | None":
+    def acquire(cls, model, batch_size: int, device: torch.device, dtype: torch.dtype,
+                compile: bool = False) -> "GraphDecoder | None":
         """The model's decoder for this batch size, locked for the caller; None while another
         generation (a concurrent request in the demo app, say) is using it."""
         with cls._create_lock:
-            decoders = model.__dict__.setdefault("_compiled_decoders", {})
-            key = (batch_size, device, dtype)
+            decoders = model.__dict__.setdefault("_graph_decoders", {})
+            key = (batch_size, device, dtype, compile)
             if key not in decoders:
-                decoders[key] = cls(model, batch_size, device, dtype)
+                decoders[key] = cls(model, batch_size, device, dtype, compile)
         decoder = decoders[key]
         return decoder if decoder.in_use.acquire(blocking=False) else None
 
@@ -120,14 +152,17 @@ def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int |
                  vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step, until max_new_tokens or all rows hit EOS.
 
-    prompt: (B, T) ids, all rows the same length. A row that emitted EOS keeps being padded with EOS."""
+    prompt: (B, T) ids, all rows the same length. A row that emitted EOS keeps being padded with EOS.
+    On CUDA the decode steps replay a CUDA graph (see GraphDecoder), compiled first when the model
+    was loaded with compile=True (`model.compile_decode`)."""
     if prompt.dim() != 2 or prompt.size(1) == 0:
         raise UserError("the prompt is empty: give at least one token of text")
     block_size = model.config.block_size
     prompt = prompt[:, -fit_to_context(prompt.size(1), cfg.max_new_tokens, block_size):]
     decoder = None
-    if CompiledDecoder.usable(model, prompt.device):
-        decoder = CompiledDecoder.acquire(model, prompt.size(0), prompt.device, next(model.parameters()).dtype)
+    if GraphDecoder.usable(model, prompt.device):
+        decoder = GraphDecoder.acquire(model, prompt.size(0), prompt.device, next(model.parameters()).dtype,
+                                       getattr(model, "compile_decode", False))
     try:
         yield from _decode(model, prompt, cfg, eos_id, vocab_limit, decoder)
     finally:
@@ -136,7 +171,7 @@ def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int |
 
 
 def _decode(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None, vocab_limit: int | None,
-            decoder: CompiledDecoder | None) -> Iterator[torch.Tensor]:
+            decoder: GraphDecoder | None) -> Iterator[torch.Tensor]:
     B, T = prompt.shape
     device = prompt.device
     dtype = next(model.parameters()).dtype
@@ -169,15 +204,15 @@ def _decode(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None
         pos = pos + 1
 
 
-def _step(model, decoder: CompiledDecoder | None, cache, token: torch.Tensor, pos) -> torch.Tensor:
+def _step(model, decoder: GraphDecoder | None, cache, token: torch.Tensor, pos) -> torch.Tensor:
     """Logits after one more token: the CUDA graph when there is one, else an eager forward."""
-    if decoder is not None and not getattr(model, "compiled_decode_failed", False):
+    if decoder is not None and not getattr(model, "graph_decode_failed", False):
         try:
             return decoder.step(token, pos)
-        except Exception as e:  # a model the compiler cannot capture still decodes, eagerly
-            warnings.warn(f"compiled decoding failed, decoding eagerly from now on: {type(e).__name__}: "
+        except Exception as e:  # a model that cannot be captured still decodes, eagerly
+            warnings.warn(f"CUDA-graph decoding failed, decoding eagerly from now on: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
-            model.compiled_decode_failed = True
+            model.graph_decode_failed = True
     return model(token, kv_cache=cache, start_pos=pos)[0][:, -1, :]
 
 

@@ -63,6 +63,20 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     # --- forward helpers ----------------------------------------------------------------------
+    def residual_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens in the dtype the blocks add their outputs to.
+
+        Autocast runs the matmuls in bf16 but leaves the embedding lookup in fp32, which keeps the
+        whole residual stream (every residual add and norm, and their gradients) in fp32. With
+        config.bf16_residual it is cast to bf16 instead: half the memory traffic of those kernels.
+        Norms still normalise in fp32 internally, and the loss is taken in fp32. Never fp16, whose
+        range (up to 65504) is too narrow for a residual stream."""
+        device = x.device.type
+        if (self.config.bf16_residual and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == torch.bfloat16):
+            return x.to(torch.bfloat16)
+        return x
+
     def run_block(self, block: nn.Module, *args):
         """Call a block, recomputing it in backward when gradient checkpointing is on."""
         if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -116,9 +116,9 @@ def test_static_shape_decoding_with_tensor_positions_equals_full_forward():
 
 
 def test_compiled_decode_step_equals_the_full_forward(tmp_path, monkeypatch):
-    """The decode step that CUDA graphs replay compiles as one graph (fullgraph=True) and computes the
-    same logits; on CPU inductor compiles it without the graph capture."""
-    from smolhub.generate import CompiledDecoder
+    """The compiled decode step that CUDA graphs replay compiles as one graph (fullgraph=True) and
+    computes the same logits; on CPU inductor compiles it without the graph capture."""
+    from smolhub.generate import GraphDecoder
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(7)
@@ -126,7 +126,22 @@ def test_compiled_decode_step_equals_the_full_forward(tmp_path, monkeypatch):
     idx = torch.randint(0, 320, (1, 12))
     with torch.inference_mode():
         full, _ = model(idx)
-        decoder = CompiledDecoder(model, 1, torch.device("cpu"), torch.float32)
+        decoder = GraphDecoder(model, 1, torch.device("cpu"), torch.float32, compile=True)
         model(idx[:, :9], kv_cache=decoder.cache, start_pos=0)
         steps = [decoder.step(idx[:, t:t + 1], torch.tensor(t)).clone() for t in range(9, 12)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 9:12], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bf16_residual", [True, False])
+def test_residual_stream_dtype_under_bf16_autocast(bf16_residual):
+    """bf16_residual carries the stream between blocks in bf16 under bf16 autocast, else in fp32 (the
+    embedding's dtype); outside autocast it is always the weights' dtype."""
+    model = StoryLlama(tiny_config(bf16_residual=bf16_residual))
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, idx)
+    model(idx, idx)
+    assert seen == [torch.bfloat16 if bf16_residual else torch.float32, torch.float32]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

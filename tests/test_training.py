@@ -194,6 +194,8 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
                               check=False), "max_new_tokens")
     one_line_error(run_script(["inference.py", "--checkpoint", str(tmp_path)], LLAMA, check=False),
                    "not a SmolHub checkpoint")
+    one_line_error(run_script(["inference.py", "--checkpoint", str(trained), "--device", "cpu", "--compile"], LLAMA,
+                              check=False), "--compile")
 
 
 def test_corrupt_checkpoint_is_refused_and_left_alone(trained, tmp_path):

@@ -1,7 +1,7 @@
 """Check the MoE and sliding-window layers on a CUDA GPU (a script for an H100, not a test).
 
-    PYTHONPATH=. python benchmarks/check_moe_gpu.py             # layers only, ~2 min
-    PYTHONPATH=. python benchmarks/check_moe_gpu.py --models    # + both full models under torch.compile
+    PYTHONPATH=. python benchmarks/check_gpu.py             # layers only, ~2 min
+    PYTHONPATH=. python benchmarks/check_gpu.py --models    # + both full models under torch.compile
 
 1. grouped == loop: the grouped-GEMM experts against the per-expert loop, forward and every
    gradient, in bf16 autocast over fp32 weights (the training setting);
@@ -10,8 +10,9 @@
 3. speed: forward + backward of the MoE layer, loop vs grouped, eager vs compiled;
 4. sliding window: FlexAttention (the CUDA training path) against SDPA with a boolean mask, and
    their speed next to plain causal SDPA;
-5. with --models: the CUDA-graph decoder against the full forward, and graph breaks and compiled
-   training-step throughput of SmolMixtral and StoryMixtral.
+5. with --models: the CUDA-graph decoder of all five models against eager cached decoding, and
+   graph breaks and compiled training-step throughput of SmolMixtral and StoryMixtral
+   (--decoding: the decoder check alone).
 """
 from __future__ import annotations
 
@@ -219,26 +220,25 @@ def check_models(args):
 
 
 def check_decoding():
-    """Cached decoding in bf16, teacher-forced over 96 positions: the eager cache against the full forward,
-    then the CUDA-graph decoder (smolhub.generate.CompiledDecoder) against the eager cache. StoryMixtral
-    gets a 16-token window, so its ring-buffer cache wraps around. Random weights make router near-ties
-    common, so a few positions may route differently between two bf16 paths: the argmax agreement is
-    reported next to the relative error."""
-    from smolhub.generate import CompiledDecoder
-    from SmolMixtral.config import SmolMixtralConfig
-    from SmolMixtral.model import SmolMixtral
-    from StoryMixtral.config import StoryMixtralConfig
-    from StoryMixtral.model import StoryMixtral
+    """Cached decoding in bf16 for all five models, teacher-forced over 96 positions: the eager cache
+    against the full forward, then the CUDA-graph decoder (smolhub.generate.GraphDecoder, captured
+    eager step and compiled step) against the eager cache. StoryMixtral gets a 16-token window, so its
+    ring-buffer cache wraps around. Random weights make router near-ties common, so a few positions
+    may route differently between two bf16 paths: the argmax agreement is reported next to the
+    relative error."""
+    from smolhub.generate import GraphDecoder
+    from smolhub.modeling import ARCHITECTURES, model_class
 
     def compare(a, b):
         agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
         return f"{rel_err(a, b):.2e} / {agree:.0%}"
 
-    for model_cls, cfg in ((SmolMixtral, SmolMixtralConfig(vocab_size=32000, block_size=128)),
-                           (StoryMixtral, StoryMixtralConfig(vocab_size=32000, block_size=128, sliding_window=16))):
-        name = model_cls.__name__
+    for name in ARCHITECTURES:
+        cls = model_class(name)
+        extra = {"sliding_window": 16} if name == "StoryMixtral" else {}
+        cfg = cls.config_class(vocab_size=32000, block_size=128, **extra)
         torch.manual_seed(0)
-        model = model_cls(cfg).cuda().to(torch.bfloat16).eval()
+        model = cls(cfg).cuda().to(torch.bfloat16).eval()
         seq = torch.randint(0, 32000, (1, 96), device="cuda")
         kinds = sorted({type(c).__name__ for c in model.make_kv_cache(1, cfg.block_size, "meta", torch.float32)})
         with torch.inference_mode():
@@ -248,16 +248,20 @@ def check_decoding():
             eager += [model(seq[:, t:t + 1], kv_cache=cache, start_pos=t)[0][:, -1].float() for t in range(8, 95)]
             eager = torch.stack(eager, 1)
             report(f"{name}: eager {'/'.join(kinds)} decode vs full forward: rel err / argmax", compare(eager, full))
-            try:
-                decoder = CompiledDecoder.for_model(model, 1, torch.device("cuda"), torch.bfloat16)
-                graph = [model(seq[:, :8], kv_cache=decoder.cache, start_pos=0)[0][:, -1].float()]
-                for t in range(8, 95):
-                    graph.append(decoder.step(seq[:, t:t + 1], torch.tensor(t, device="cuda")).clone())
-                result = compare(torch.stack(graph, 1), eager)
-            except Exception as e:  # report, then go on with the other checks
-                result = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            usable = CompiledDecoder.usable(model, torch.device("cuda"))
-            report(f"{name}: CUDA-graph decode (usable={usable}) vs eager decode", result)
+            usable = GraphDecoder.usable(model, torch.device("cuda"))
+            for compile in (False, True):
+                try:
+                    decoder = GraphDecoder(model, 1, torch.device("cuda"), torch.bfloat16, compile=compile)
+                    graph = [model(seq[:, :8], kv_cache=decoder.cache, start_pos=0)[0][:, -1].float()]
+                    for t in range(8, 95):
+                        graph.append(decoder.step(seq[:, t:t + 1], torch.tensor(t, device="cuda")).clone())
+                    result = compare(torch.stack(graph, 1), eager)
+                except Exception as e:  # report, then go on with the other checks
+                    result = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                label = "compiled" if compile else "captured eager"
+                report(f"{name}: CUDA-graph decode, {label} (usable={usable}) vs eager", result)
+        del model
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -270,11 +274,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--attn_batch", type=int, default=16)
-    parser.add_argument("--models", action="store_true", help="also compile and time both full models")
+    parser.add_argument("--models", action="store_true", help="also compile and time both full MoE models")
+    parser.add_argument("--decoding", action="store_true", help="only check CUDA-graph decoding, all five models")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step in --models")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("check_moe_gpu.py needs a CUDA GPU")
+        raise SystemExit("check_gpu.py needs a CUDA GPU")
 
     probe = torch.zeros(1, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -283,6 +288,9 @@ def main() -> None:
           f"torch {torch.__version__}, F.grouped_mm: {hasattr(F, 'grouped_mm')}, "
           f"torch._grouped_mm: {hasattr(torch, '_grouped_mm')}, grouped path chosen under bf16 autocast: {supported}")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.decoding:
+        check_decoding()
+        return
     x = torch.randn(args.tokens, args.dim, device="cuda")
     g = torch.randn(args.tokens, args.dim, device="cuda")
     check_grouped_equals_loop(args, x, g)
