@@ -1,7 +1,9 @@
-"""Check the MoE and sliding-window layers on a CUDA GPU (a script for an H100, not a test).
+"""Check the GPU-only code paths on a CUDA GPU (a script for an H100, not a test): the MoE and
+sliding-window layers, and CUDA-graph decoding.
 
     PYTHONPATH=. python benchmarks/check_gpu.py             # layers only, ~2 min
-    PYTHONPATH=. python benchmarks/check_gpu.py --models    # + both full models under torch.compile
+    PYTHONPATH=. python benchmarks/check_gpu.py --models    # + decoding, and both MoE models under torch.compile
+    PYTHONPATH=. python benchmarks/check_gpu.py --decoding  # decoding of all five models only, ~2 min
 
 1. grouped == loop: the grouped-GEMM experts against the per-expert loop, forward and every
    gradient, in bf16 autocast over fp32 weights (the training setting);

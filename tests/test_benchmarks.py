@@ -2,6 +2,8 @@
 import gzip
 import json
 
+import pytest
+
 from benchmarks import quality
 from conftest import GPT2_DIR, SHARED_DATA
 
@@ -26,3 +28,72 @@ def test_quality_benchmark_produces_table_and_curves(tmp_path, capsys):
         assert [s["prompt"] for s in r["runs"][0]["samples"]] == quality.SAMPLE_PROMPTS
     for name in ("StoryLlama", "SmolMixtral"):
         assert (out / f"quality_{name}.png").stat().st_size > 1000
+
+
+def test_quality_pair_trains_identically_from_the_same_weights():
+    """The quality benchmark's two sides, started from the same weights (ours exported into the
+    transformers twin), follow the same loss curve in fp32: its comparison is fair up to the init
+    draw and GPU numerics. Each side uses its benchmark optimizer: the engine's for ours, AdamW over
+    adamw_param_groups for the twin."""
+    import torch
+
+    from benchmarks.common import hf_llama_like
+    from smolhub.config import TrainConfig
+    from smolhub.optim import adamw_param_groups, build_optimizer, build_scheduler
+    from smolhub_hub.export import converter
+    from StoryLlama.config import StoryLlamaConfig
+    from StoryLlama.model import StoryLlama
+
+    torch.manual_seed(0)
+    cfg = StoryLlamaConfig(vocab_size=512, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_heads=2,
+                           ffn_hidden=128)
+    ours = StoryLlama(cfg)
+    hf = hf_llama_like(cfg)
+    hf.load_state_dict(converter("StoryLlama").to_hf(ours.state_dict(), cfg))
+    twin = quality.HFSide(hf, 0.0)
+    train = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3, max_steps=20, weight_decay=0.1)
+    ours_opt = build_optimizer(ours, train, "cpu")
+    twin_opt = torch.optim.AdamW(adamw_param_groups(twin, train.weight_decay), lr=train.lr,
+                                 betas=(train.beta1, train.beta2))
+    sides = [(ours, ours_opt, build_scheduler(ours_opt, train)), (twin, twin_opt, build_scheduler(twin_opt, train))]
+    batches = torch.Generator().manual_seed(1)
+    curves = [[], []]
+    for _ in range(20):
+        x = torch.randint(0, 512, (8, 65), generator=batches)
+        for (model, opt, sched), curve in zip(sides, curves):
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            curve.append(loss.item())
+    assert curves[0][0] != curves[0][-1]  # it trained
+    torch.testing.assert_close(curves[0], curves[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["StoryLlama", "StoryMixtral", "StoryKimi"])
+def test_quality_pair_has_the_same_loss_from_the_same_weights(name):
+    """Our model and its transformers twin, given the same weights, compute the same cross-entropy
+    (the MoE pairs' training totals differ only by their balancing terms, by design)."""
+    import torch
+
+    from benchmarks.common import pairs
+    from smolhub.modeling import model_class
+    from smolhub_hub.export import converter
+
+    cls = model_class(name)
+    fields = cls.config_class.__dataclass_fields__
+    small = dict(n_kv_heads=2, ffn_hidden=128, expert_hidden=64, kv_lora_rank=16, qk_nope_head_dim=8,
+                 qk_rope_head_dim=8, v_head_dim=8, sliding_window=32)
+    cfg = cls.config_class(vocab_size=512, block_size=64, n_layer=2, n_embd=64, n_head=4,
+                           **{k: v for k, v in small.items() if k in fields})
+    torch.manual_seed(0)
+    ours = cls(cfg).eval()
+    hf = pairs()[name].build_baseline(cfg).eval()
+    hf.load_state_dict(converter(name).to_hf(ours.state_dict(), cfg))
+    x = torch.randint(0, 512, (8, 65), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, loss = ours(x[:, :-1], x[:, 1:])
+        _, twin_loss = quality.HFSide(hf, 0.0)(x[:, :-1], x[:, 1:])
+    assert abs(loss.item() - twin_loss.item()) < 1e-5
