@@ -189,11 +189,13 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if rope is not None:  # rotated in the projection's (B, T, H, D) layout: no transposed reads
+            cos, sin = rope
+            q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)
         key_pos = kv_cache.key_positions(start_pos, T) if isinstance(kv_cache, SlidingWindowKVCache) else None
