@@ -74,19 +74,21 @@ def measure_pair(name: str, args) -> dict:
     cfg = model.config
     flops_tok = model.flops_per_token(pair.seq_len)
     row = {"model": name, "seq_len": pair.seq_len, "batch": batch, "params_M": model.num_params() / 1e6}
-    row["ours"] = time_training(model, False, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
-                                args.compile_mode)
-    row["ours"]["mfu"] = flops_tok * row["ours"]["tok_per_s"] / (args.peak_tflops * 1e12)
+
+    def measure(m: torch.nn.Module, hf: bool) -> dict:
+        """Time one side; MFU counts our model's FLOPs, so every side is judged on the same work."""
+        result = time_training(m, hf, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
+                               args.compile_mode)
+        result["mfu"] = flops_tok * result["tok_per_s"] / (args.peak_tflops * 1e12)
+        return result
+
+    row["ours"] = measure(model, False)
     del model
     free()
     if pair.build_baseline is not None and not args.no_baseline:
-        base = pair.build_baseline(cfg)
         row["baseline_name"] = pair.baseline_name
-        row["baseline"] = time_training(base, True, batch, pair.seq_len, cfg.vocab_size, args.steps,
-                                        args.warmup, args.compile_mode)
-        row["baseline"]["mfu"] = flops_tok * row["baseline"]["tok_per_s"] / (args.peak_tflops * 1e12)
+        row["baseline"] = measure(pair.build_baseline(cfg), True)
         row["ratio"] = row["ours"]["tok_per_s"] / row["baseline"]["tok_per_s"]
-        del base
         free()
     if args.nanogpt_dir and name == "SmolTransformer-124M":
         import importlib.util
@@ -94,12 +96,8 @@ def measure_pair(name: str, args) -> dict:
         spec = importlib.util.spec_from_file_location("nanogpt_model", f"{args.nanogpt_dir}/model.py")
         nano = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(nano)
-        gpt = nano.GPT(nano.GPTConfig(block_size=pair.seq_len, vocab_size=cfg.vocab_size))
-        row["nanogpt"] = time_training(gpt, False, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
-                                       args.compile_mode)
-        row["nanogpt"]["mfu"] = flops_tok * row["nanogpt"]["tok_per_s"] / (args.peak_tflops * 1e12)
+        row["nanogpt"] = measure(nano.GPT(nano.GPTConfig(block_size=pair.seq_len, vocab_size=cfg.vocab_size)), False)
         row["ratio_vs_nanogpt"] = row["ours"]["tok_per_s"] / row["nanogpt"]["tok_per_s"]
-        del gpt
         free()
     print(json.dumps(row), flush=True)
     return row

@@ -30,6 +30,20 @@ def test_quality_benchmark_produces_table_and_curves(tmp_path, capsys):
         assert (out / f"quality_{name}.png").stat().st_size > 1000
 
 
+def pair_with_the_same_weights(name: str):
+    """The quality benchmark's tiny pair of `name`, ours exported into the twin: (ours, twin as HFSide)."""
+    import argparse
+
+    import torch
+
+    from smolhub_hub.export import converter
+
+    torch.manual_seed(0)
+    ours, hf, _ = quality.build_pair(name, 512, argparse.Namespace(tiny=True))
+    hf.load_state_dict(converter(name).to_hf(ours.state_dict(), ours.config))
+    return ours, quality.HFSide(hf, 0.0)
+
+
 def test_quality_pair_trains_identically_from_the_same_weights():
     """The quality benchmark's two sides, started from the same weights (ours exported into the
     transformers twin), follow the same loss curve in fp32: its comparison is fair up to the init
@@ -37,20 +51,10 @@ def test_quality_pair_trains_identically_from_the_same_weights():
     adamw_param_groups for the twin."""
     import torch
 
-    from benchmarks.common import hf_llama_like
     from smolhub.config import TrainConfig
     from smolhub.optim import adamw_param_groups, build_optimizer, build_scheduler
-    from smolhub_hub.export import converter
-    from StoryLlama.config import StoryLlamaConfig
-    from StoryLlama.model import StoryLlama
 
-    torch.manual_seed(0)
-    cfg = StoryLlamaConfig(vocab_size=512, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_heads=2,
-                           ffn_hidden=128)
-    ours = StoryLlama(cfg)
-    hf = hf_llama_like(cfg)
-    hf.load_state_dict(converter("StoryLlama").to_hf(ours.state_dict(), cfg))
-    twin = quality.HFSide(hf, 0.0)
+    ours, twin = pair_with_the_same_weights("StoryLlama")
     train = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3, max_steps=20, weight_decay=0.1)
     ours_opt = build_optimizer(ours, train, "cpu")
     twin_opt = torch.optim.AdamW(adamw_param_groups(twin, train.weight_decay), lr=train.lr,
@@ -78,22 +82,9 @@ def test_quality_pair_has_the_same_loss_from_the_same_weights(name):
     (the MoE pairs' training totals differ only by their balancing terms, by design)."""
     import torch
 
-    from benchmarks.common import pairs
-    from smolhub.modeling import model_class
-    from smolhub_hub.export import converter
-
-    cls = model_class(name)
-    fields = cls.config_class.__dataclass_fields__
-    small = dict(n_kv_heads=2, ffn_hidden=128, expert_hidden=64, kv_lora_rank=16, qk_nope_head_dim=8,
-                 qk_rope_head_dim=8, v_head_dim=8, sliding_window=32)
-    cfg = cls.config_class(vocab_size=512, block_size=64, n_layer=2, n_embd=64, n_head=4,
-                           **{k: v for k, v in small.items() if k in fields})
-    torch.manual_seed(0)
-    ours = cls(cfg).eval()
-    hf = pairs()[name].build_baseline(cfg).eval()
-    hf.load_state_dict(converter(name).to_hf(ours.state_dict(), cfg))
+    ours, twin = pair_with_the_same_weights(name)
     x = torch.randint(0, 512, (8, 65), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        _, loss = ours(x[:, :-1], x[:, 1:])
-        _, twin_loss = quality.HFSide(hf, 0.0)(x[:, :-1], x[:, 1:])
+        _, loss = ours.eval()(x[:, :-1], x[:, 1:])
+        _, twin_loss = twin.eval()(x[:, :-1], x[:, 1:])
     assert abs(loss.item() - twin_loss.item()) < 1e-5
