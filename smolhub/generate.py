@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smolhub.errors import UserError
+
+# cuDNN attention builds an execution plan for every new sequence length, which costs a first
+# call ~0.1 s per length; generation meets a new length with every prompt, so it uses the
+# planless kernels. Training keeps cuDNN, whose shapes are fixed.
+GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -117,12 +123,12 @@ class GraphDecoder:
         # they compute the real step, so writing its keys/values into the cache twice is harmless
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), sdpa_kernel(GENERATION_ATTENTION):
             for _ in range(2):
                 self._forward(self.token, self.pos)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), sdpa_kernel(GENERATION_ATTENTION):
             self.logits = self._forward(self.token, self.pos)
 
     @staticmethod
@@ -184,7 +190,8 @@ def _decode(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, prompt, True)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits, _ = model(prompt, kv_cache=cache, start_pos=0)
+    with sdpa_kernel(GENERATION_ATTENTION):
+        logits, _ = model(prompt, kv_cache=cache, start_pos=0)
     next_logits = logits[:, -1, :]
     pos = torch.tensor(T, device=device) if decoder else T
     for _ in range(cfg.max_new_tokens):
@@ -213,7 +220,8 @@ def _step(model, decoder: GraphDecoder | None, cache, token: torch.Tensor, pos) 
             warnings.warn(f"CUDA-graph decoding failed, decoding eagerly from now on: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
             model.graph_decode_failed = True
-    return model(token, kv_cache=cache, start_pos=pos)[0][:, -1, :]
+    with sdpa_kernel(GENERATION_ATTENTION):
+        return model(token, kv_cache=cache, start_pos=pos)[0][:, -1, :]
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -38,8 +38,11 @@ def test_attention_matches_reference(n_kv_heads):
     torch.testing.assert_close(attn(x), reference_attention(x, attn), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("tensor_positions", [False, True], ids=["int-pos", "tensor-pos"])
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
-def test_attention_kv_cache_equals_full_forward(n_kv_heads):
+def test_attention_kv_cache_equals_full_forward(n_kv_heads, tensor_positions):
+    """Tensor positions (CUDA-graph decoding) attend over the whole masked buffer, single tokens
+    through one_query_attention; int positions over the filled part, through SDPA."""
     torch.manual_seed(0)
     attn = CausalSelfAttention(32, 4, n_kv_heads).double().eval()
     rope_table = RotaryEmbedding(8, 64)
@@ -49,8 +52,9 @@ def test_attention_kv_cache_equals_full_forward(n_kv_heads):
     # a 7-token prefill, one 5-token chunk (needs the explicit mask), then single tokens
     pieces, pos = [], 0
     for n in [7, 5] + [1] * 8:
-        rope = tuple(t.double() for t in rope_table(pos, n))
-        pieces.append(attn(x[:, pos:pos + n], rope, cache, pos))
+        start = torch.tensor(pos) if tensor_positions and n == 1 else pos
+        rope = tuple(t.double() for t in rope_table(start, n))
+        pieces.append(attn(x[:, pos:pos + n], rope, cache, start))
         pos += n
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
 

@@ -77,6 +77,21 @@ def test_grouped_mm_equals_loop_forward_and_backward(dtype, used):
         assert grad[unused].abs().sum() == 0 and grad[used].abs().sum() > 0
 
 
+@pytest.mark.parametrize("n_tokens", [1, 5, 64, 65])
+def test_decoding_without_gradients_matches_the_reference(n_tokens):
+    """Up to dense_max_tokens tokens without gradients take the dense every-expert path (the rest the
+    loop/grouped path); both equal the per-token reference, also with weights zeroed by capacity."""
+    torch.manual_seed(3)
+    experts = GroupedExperts(4, 16, 24).double()
+    x = torch.randn(n_tokens, 16, dtype=torch.float64)
+    idx, w = routing(n_tokens, 4, 2, [0, 2, 3], seed=n_tokens)
+    w = w.double()
+    w[0, 1] = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, idx, w), per_token_reference(experts, x, idx, w))
+        torch.testing.assert_close(experts._dense(x, idx, w), per_token_reference(experts, x, idx, w))
+
+
 def test_grouped_path_is_chosen_only_where_the_kernel_runs():
     experts = GroupedExperts(2, 16, 16)
     assert experts.use_grouped_mm is None  # automatic: the loop on this CPU box

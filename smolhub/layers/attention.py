@@ -126,15 +126,33 @@ def _sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     return _compiled_flex(q, k, v, block_mask=_block_masks[key], scale=scale, enable_gqa=gqa)
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for a single query per row over a masked cache (a decode step).
+
+    SDPA's fused kernels are built for many queries: with one query and a mask, the memory-efficient
+    kernel walks the keys serially, and cuDNN plans each new shape at a first-call cost of seconds.
+    Here it is two small batched matmuls and a softmax. The query heads that share a key/value head
+    (GQA/MQA) are stacked as rows of one matmul, so the cache is never repeated per head."""
+    B, H, _, D = q.shape
+    n_kv = k.size(1)
+    q = q.reshape(B, n_kv, H // n_kv, D) * (scale if scale is not None else D ** -0.5)
+    scores = q @ k.transpose(-1, -2)  # (B, n_kv, H/n_kv, S)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~visible, float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, 1, v.size(-1))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, dropout_p: float = 0.0,
            scale: float | None = None, window: int | None = None,
            key_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Causal SDPA for queries at positions start_pos.. over keys at positions 0.. (or `key_pos`).
 
-    The three cases keep the fast kernels where possible: a fresh sequence uses is_causal, one new
-    token sees every cached key (no mask), and only a chunk appended to a cache needs a mask.
-    With a sliding `window`, a query sees only the last `window` positions up to itself: FlexAttention
-    trains it on CUDA, a boolean mask on CPU (FlexAttention has no CPU backward) and in decoding.
+    The cases keep the fast kernels where possible: a fresh sequence uses is_causal, one new token
+    sees every cached key (no mask), one new token over a masked cache (a CUDA-graph decode step or
+    a sliding window) takes `one_query_attention`, and only a chunk appended to a cache needs a
+    masked SDPA. With a sliding `window`, a query sees only the last `window` positions up to
+    itself: FlexAttention trains it on CUDA, a boolean mask on CPU (FlexAttention has no CPU
+    backward) and in decoding.
     """
     q_len, k_len = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
@@ -147,15 +165,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, dr
             return _sliding_window_flex(q, k, v, window, scale)
         if key_pos is None:
             key_pos = torch.arange(k_len, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(q_len, start_pos, key_pos, window),
-                                              dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-    if isinstance(start_pos, torch.Tensor):  # a static-shape decode step over the whole cache buffer
+        mask = window_mask(q_len, start_pos, key_pos, window)
+    elif isinstance(start_pos, torch.Tensor):  # a static-shape decode step over the whole cache buffer
         mask = causal_mask(q_len, k_len, start_pos, q.device)
     elif q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
     else:
         mask = None if q_len == 1 else causal_mask(q_len, k_len, start_pos, q.device)
+    if q_len == 1 and mask is not None and dropout_p == 0.0:
+        return one_query_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=gqa)
 

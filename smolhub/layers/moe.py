@@ -35,8 +35,11 @@ class GroupedExperts(nn.Module):
 
     gate_up[e] is (dim, 2*hidden) = [W_gate,e | W_up,e] and down[e] is (hidden, dim), so the whole
     layer is two 3-D parameters and two grouped matmuls. `use_grouped_mm` forces a path (None =
-    grouped where `grouped_mm_supported`, the exact per-expert loop elsewhere).
+    grouped where `grouped_mm_supported`, the exact per-expert loop elsewhere). Without gradients,
+    up to `dense_max_tokens` tokens (a decode step) run every expert instead (`_dense`).
     """
+
+    dense_max_tokens = 64
 
     def __init__(self, n_experts: int, dim: int, hidden: int, use_grouped_mm: bool | None = None):
         super().__init__()
@@ -54,6 +57,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, dim), expert_idx (N, k) long, weights (N, k) -> sum_k weights[:, k] * expert_idx[:, k](x)."""
+        if x.size(0) <= self.dense_max_tokens and not torch.is_grad_enabled():
+            return self._dense(x, expert_idx, weights)
         grouped = self.use_grouped_mm if self.use_grouped_mm is not None else grouped_mm_supported(x)
         return self._grouped(x, expert_idx, weights) if grouped else self._loop(x, expert_idx, weights)
 
@@ -76,6 +81,19 @@ class GroupedExperts(nn.Module):
         # back to (token, slot) order by gathering with the inverse permutation: no atomics, deterministic
         out = out[order.argsort()].view(N, k, self.dim)
         return (out * weights.to(dtype).unsqueeze(-1)).sum(dim=1)
+
+    def _dense(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row, mixed by an (N, E) weight matrix that is zero off the chosen experts.
+
+        A decode step has a few tokens that together touch most experts, so reading every expert's
+        weights once in two batched matmuls costs about what the grouped path reads, without its
+        sorts and gathers (~20 small kernels per layer, which dominate a batch-1 step)."""
+        dtype = _autocast_dtype(x)
+        mix = torch.zeros(x.size(0), self.n_experts, device=x.device, dtype=weights.dtype)
+        mix.scatter_add_(1, expert_idx, weights)
+        h = torch.matmul(x.to(dtype), self.gate_up.to(dtype))  # (E, N, 2*hidden)
+        out = torch.matmul(self._swiglu(h), self.down.to(dtype))  # (E, N, dim)
+        return (out * mix.t().to(dtype).unsqueeze(-1)).sum(dim=0)
 
     def _loop(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The reference: each expert on exactly the rows routed to it. Exact on CPU, any dtype."""
