@@ -16,9 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smolhub.errors import UserError
 
-# cuDNN attention builds an execution plan for every new sequence length, which costs a first
-# call ~0.1 s per length; generation meets a new length with every prompt, so it uses the
-# planless kernels. Training keeps cuDNN, whose shapes are fixed.
+# cuDNN attention costs ~2 s at its first use in a process (library set-up, one execution plan per
+# shape) and ~80 ms for every new sequence length after that (H100), and generation meets a new
+# length with every prompt: prefill uses the planless kernels. Training keeps cuDNN, at fixed shapes.
 GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -131,8 +131,8 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visib
     """softmax(q k^T * scale) v for a single query per row over a masked cache (a decode step).
 
     SDPA's fused kernels are built for many queries: with one query and a mask, the memory-efficient
-    kernel walks the keys serially, and cuDNN plans each new shape at a first-call cost of seconds.
-    Here it is two small batched matmuls and a softmax. The query heads that share a key/value head
+    kernel walks the keys serially (a quarter slower decoding), and cuDNN costs ~2 s of set-up and
+    planning at its first use in a process. Here it is two small batched matmuls and a softmax. The query heads that share a key/value head
     (GQA/MQA) are stacked as rows of one matmul, so the cache is never repeated per head."""
     B, H, _, D = q.shape
     n_kv = k.size(1)
