@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+from typing import Callable
 
 import torch
 
@@ -67,26 +68,34 @@ class Prober:
             torch.cuda.set_per_process_memory_fraction(1.0)
 
     def largest_batch(self, budget_gib: float, start: int, cap: int) -> tuple[int, float | None]:
-        """The largest batch (<= cap) whose probe fits the budget, and its peak; (0, None) if none does."""
-        good, good_peak, bad = 0, None, None
-        batch = start
-        while batch <= cap:  # double until a probe fails
-            peak = self.peak_gib(batch, budget_gib)
-            if peak is None:
-                bad = batch
-                break
-            good, good_peak, batch = batch, peak, batch * 2
-        if bad is None:
+        return largest_fitting(lambda batch: self.peak_gib(batch, budget_gib), start, cap)
+
+
+def largest_fitting(peak_of: Callable[[int], float | None], start: int, cap: int) -> tuple[int, float | None]:
+    """The largest batch <= cap for which peak_of(batch) is not None (it fits), and that peak; (0, None)
+    if none does. Doubles from `start` until a batch fails, then bisects; assumes a larger batch
+    never needs less memory."""
+    good, good_peak, bad = 0, None, None
+    batch = start
+    while batch <= cap:
+        peak = peak_of(batch)
+        if peak is None:
+            bad = batch
+            break
+        good, good_peak, batch = batch, peak, batch * 2
+    if bad is None:  # every doubling fitted: search between the last one and the cap
+        if good == cap or good == 0:
             return good, good_peak
-        lo, hi = good, bad
-        while hi - lo > 1:  # lo fits (or is 0), hi does not
-            mid = (lo + hi) // 2
-            peak = self.peak_gib(mid, budget_gib)
-            if peak is None:
-                hi = mid
-            else:
-                lo, good_peak = mid, peak
-        return lo, good_peak
+        bad = cap + 1
+    lo, hi = good, bad
+    while hi - lo > 1:  # lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        peak = peak_of(mid)
+        if peak is None:
+            hi = mid
+        else:
+            lo, good_peak = mid, peak
+    return lo, good_peak
 
 
 def outside_allocator_gib() -> float:

@@ -88,3 +88,22 @@ def test_quality_pair_has_the_same_loss_from_the_same_weights(name):
         _, loss = ours.eval()(x[:, :-1], x[:, 1:])
         _, twin_loss = twin.eval()(x[:, :-1], x[:, 1:])
     assert abs(loss.item() - twin_loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("limit", [0, 1, 15, 16, 17, 100, 511, 512, 4096, 5000])
+def test_memory_search_finds_the_largest_fitting_batch(limit):
+    """benchmarks.memory's search (doubling from 16, then bisection, capped) against every limit
+    shape: nothing fits, below the start, exactly on a doubling, between, at and beyond the cap."""
+    from benchmarks.memory import largest_fitting
+
+    probed = []
+
+    def peak_of(batch):
+        probed.append(batch)
+        return batch * 0.5 if batch <= limit else None
+
+    batch, peak = largest_fitting(peak_of, start=16, cap=4096)
+    expected = min(limit, 4096)
+    assert batch == expected
+    assert peak == (expected * 0.5 if expected else None)
+    assert all(b <= 4096 for b in probed) and len(probed) <= 2 * 13
