@@ -2,7 +2,7 @@
 model of the same shape that a user would pick instead."""
 from __future__ import annotations
 
-import statistics
+import gc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,10 +88,7 @@ def pairs() -> dict[str, Pair]:
     }
 
 
-def median_ms(times: list[float]) -> float:
-    return statistics.median(times)
-
-
-def cuda_timer():
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    return start, end
+def free() -> None:
+    """Release what a finished model held, so the next measurement starts from an empty cache."""
+    gc.collect()
+    torch.cuda.empty_cache()

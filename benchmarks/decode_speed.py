@@ -13,14 +13,13 @@ compiles the decode step).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import pairs
+from benchmarks.common import free, pairs
 from smolhub.generate import SamplingConfig, generate_ids
 
 
@@ -81,8 +80,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model, hf
-        gc.collect()
-        torch.cuda.empty_cache()
+        free()
     print(f"\n{'model':<16}{'B':>4}{'ours':>9}{'(first)':>9}{'GiB':>6}{'compiled':>10}{'(first)':>9}"
           f"{'hf dyn':>9}{'hf static':>11}{'vs static':>11}")
     nan = {"tok_per_s": float("nan"), "first_tok_per_s": float("nan"), "peak_gib": float("nan")}

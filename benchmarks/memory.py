@@ -14,28 +14,22 @@ floor, and the peak at the trainer's default micro-batch.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 from typing import Callable
 
 import torch
 
-from benchmarks.common import pairs
+from benchmarks.common import free, pairs
 from smolhub.config import TrainConfig
 
 GIB = 2**30
-
-
-def free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 class Prober:
     """Trains one model at any micro-batch size and reports the peak memory, or None when it runs out."""
 
     def __init__(self, model: torch.nn.Module, seq_len: int, compile: bool):
-        self.model = model.cuda().train()
+        model.cuda().train()
         self.seq_len, self.vocab = seq_len, model.config.vocab_size
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         self.fwd = torch.compile(model) if compile else model

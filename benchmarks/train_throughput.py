@@ -10,13 +10,12 @@ per token, over --peak_tflops) and peak memory. The ratio ours/baseline is the f
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 
 import torch
 
-from benchmarks.common import pairs
+from benchmarks.common import free, pairs
 
 
 def time_training(model: torch.nn.Module, hf: bool, batch: int, seq_len: int, vocab: int, steps: int,
@@ -59,11 +58,6 @@ def time_training(model: torch.nn.Module, hf: bool, batch: int, seq_len: int, vo
     med = times[len(times) // 2]
     return {"step_ms": med, "step_ms_spread": [times[0], times[-1]], "tok_per_s": batch * seq_len / med * 1e3,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s, "loss": loss.item()}
-
-
-def free():
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def measure_pair(name: str, args) -> dict:

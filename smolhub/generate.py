@@ -123,12 +123,12 @@ class GraphDecoder:
         # they compute the real step, so writing its keys/values into the cache twice is harmless
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), sdpa_kernel(GENERATION_ATTENTION):
+        with torch.cuda.stream(side):
             for _ in range(2):
                 self._forward(self.token, self.pos)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), sdpa_kernel(GENERATION_ATTENTION):
+        with torch.cuda.graph(self.graph):
             self.logits = self._forward(self.token, self.pos)
 
     @staticmethod

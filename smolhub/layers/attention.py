@@ -132,8 +132,9 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visib
 
     SDPA's fused kernels are built for many queries: with one query and a mask, the memory-efficient
     kernel walks the keys serially (a quarter slower decoding), and cuDNN costs ~2 s of set-up and
-    planning at its first use in a process. Here it is two small batched matmuls and a softmax. The query heads that share a key/value head
-    (GQA/MQA) are stacked as rows of one matmul, so the cache is never repeated per head."""
+    planning at its first use in a process. Here it is two small batched matmuls and a softmax.
+    The query heads that share a key/value head (GQA/MQA) are stacked as rows of one matmul, so the
+    cache is never repeated per head."""
     B, H, _, D = q.shape
     n_kv = k.size(1)
     q = q.reshape(B, n_kv, H // n_kv, D) * (scale if scale is not None else D ** -0.5)

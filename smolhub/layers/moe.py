@@ -85,9 +85,9 @@ class GroupedExperts(nn.Module):
     def _dense(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every expert on every row, mixed by an (N, E) weight matrix that is zero off the chosen experts.
 
-        A decode step has a few tokens that together touch most experts, so reading every expert's
-        weights once in two batched matmuls costs about what the grouped path reads, without its
-        sorts and gathers (~20 small kernels per layer, which dominate a batch-1 step)."""
+        A decode step's few tokens touch most experts anyway; reading all E experts' weights (where
+        the grouped path reads only the chosen ones) costs microseconds of bandwidth and saves the
+        grouped path's sorts and gathers, ~20 small kernels per layer that dominate a batch-1 step."""
         dtype = _autocast_dtype(x)
         mix = torch.zeros(x.size(0), self.n_experts, device=x.device, dtype=weights.dtype)
         mix.scatter_add_(1, expert_idx, weights)
