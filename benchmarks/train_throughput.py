@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -18,8 +19,47 @@ import torch
 from benchmarks.common import free, pairs
 
 
+# Kernel-name patterns for --profile, tried in order: the first that matches a kernel takes it.
+# inductor names its fused kernels after the ops inside (triton_red_fused__log_softmax_..., ...); a
+# kernel fusing several concerns counts for the first listed.
+KERNEL_CATEGORIES = [
+    ("attention", r"flash|fmha|sdpa|attention|cudnn"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|_mm_|grouped_mm"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("norm", r"rms_norm|layer_norm|rsqrt|var_mean"),
+    ("cross-entropy", r"log_softmax|nll_loss|logsumexp|cross_entropy"),
+    ("activation", r"silu|sigmoid|gelu|tanh|erf"),
+    ("rotary", r"cos|sin|neg"),
+    ("embedding", r"embedding"),
+]
+
+
+def kernel_category(name: str) -> str:
+    return next((cat for cat, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.I)), "other")
+
+
+def kernel_profile(step, steps: int) -> dict:
+    """CUDA kernel time per step over `steps` steps, summed by KERNEL_CATEGORIES, plus the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    per_step = {e.key: e.device_time_total / steps / 1e3 for e in kernels}
+    categories: dict[str, float] = {}
+    for name, ms in per_step.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:25]
+    return {"cuda_ms_per_step": sum(per_step.values()),
+            "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": [[name[:160], ms] for name, ms in top]}
+
+
 def time_training(model: torch.nn.Module, hf: bool, batch: int, seq_len: int, vocab: int, steps: int,
-                  warmup: int, compile_mode: str | None) -> dict:
+                  warmup: int, compile_mode: str | None, profile_steps: int = 0) -> dict:
     model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(model, mode=compile_mode) if compile_mode else model
@@ -56,8 +96,11 @@ def time_training(model: torch.nn.Module, hf: bool, batch: int, seq_len: int, vo
         times.append(start.elapsed_time(end))
     times.sort()
     med = times[len(times) // 2]
-    return {"step_ms": med, "step_ms_spread": [times[0], times[-1]], "tok_per_s": batch * seq_len / med * 1e3,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s, "loss": loss.item()}
+    result = {"step_ms": med, "step_ms_spread": [times[0], times[-1]], "tok_per_s": batch * seq_len / med * 1e3,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s, "loss": loss.item()}
+    if profile_steps:
+        result["profile"] = kernel_profile(step, profile_steps)
+    return result
 
 
 def measure_pair(name: str, args) -> dict:
@@ -72,7 +115,7 @@ def measure_pair(name: str, args) -> dict:
     def measure(m: torch.nn.Module, hf: bool) -> dict:
         """Time one side; MFU counts our model's FLOPs, so every side is judged on the same work."""
         result = time_training(m, hf, batch, pair.seq_len, cfg.vocab_size, args.steps, args.warmup,
-                               args.compile_mode)
+                               args.compile_mode, args.profile)
         result["mfu"] = flops_tok * result["tok_per_s"] / (args.peak_tflops * 1e12)
         return result
 
@@ -112,6 +155,17 @@ def print_table(results: list[dict]) -> None:
                   f"{n['peak_gib']:>7.1f}{r['ratio_vs_nanogpt']:>8.2f}x")
 
 
+def print_profiles(results: list[dict]) -> None:
+    for r in results:
+        for side in ("ours", "baseline", "nanogpt"):
+            prof = r.get(side, {}).get("profile")
+            if prof:
+                cats = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories_ms"].items())
+                print(f"{r['model']} {side}: {prof['cuda_ms_per_step']:.1f} ms CUDA/step = {cats}")
+                for name, ms in prof["top_kernels_ms"][:12]:
+                    print(f"    {ms:6.2f} ms  {name[:110]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(pairs()))
@@ -124,6 +178,8 @@ def main():
     p.add_argument("--no_baseline", action="store_true")
     p.add_argument("--nanogpt_dir", default="", help="A checkout of karpathy/nanoGPT: adds its GPT (bias=True, "
                    "as it ships) beside SmolTransformer-124M.")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="After timing, profile this many steps of each side and print CUDA time per kernel category.")
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -135,6 +191,7 @@ def main():
             print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             free()
     print_table(results)
+    print_profiles(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -107,3 +107,27 @@ def test_memory_search_finds_the_largest_fitting_batch(limit):
     assert batch == expected
     assert peak == (expected * 0.5 if expected else None)
     assert all(b <= 4096 for b in probed) and len(probed) <= 2 * 13
+
+
+@pytest.mark.parametrize("kernel, category", [  # names as an H100 profile printed them (cut at 120 characters)
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, false, float, "
+     "__nv_bfloat16,", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0",
+     "attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int, unsigned int, unsigned int, "
+     "unsigned in", "attention"),
+    ("triton_red_fused__log_softmax__to_copy__unsafe_view_prepare_softmax_online_view_10", "cross-entropy"),
+    ("triton_per_fused__fused_rms_norm__fused_rms_norm_backward__to_copy_add_embedding_dense_backward_nll_loss_"
+     "forward_view_9", "norm"),
+    ("triton_poi_fused__unsafe_view_cat_mul_silu_silu_backward_split_view_3", "activation"),
+    ("triton_poi_fused__unsafe_view_gelu_gelu_backward_view_3", "activation"),
+    ("triton_poi_fused__to_copy_add_cat_mul_neg_slice_transpose_unsqueeze_view_7", "rotary"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "FusedOptimizerTenso", "optimizer"),
+    ("triton_poi_fused_cat_transpose_view_6", "other"),
+])
+def test_profile_sorts_kernels_by_what_they_compute(kernel, category):
+    from benchmarks.train_throughput import kernel_category
+
+    assert kernel_category(kernel) == category
