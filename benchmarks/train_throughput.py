@@ -4,6 +4,7 @@ Both sides: bf16 autocast over fp32 weights, fused AdamW, torch.compile, the sam
 ~32k tokens per step in one micro-batch. Reports the median step time over --steps timed steps after
 --warmup steps, tokens/s, MFU (PaLM/nanoGPT estimate: 6 x params + 12 x layers x d_model x T FLOPs
 per token, over --peak_tflops) and peak memory. The ratio ours/baseline is the figure that counts.
+--profile N then profiles N more steps of each side and prints where the CUDA time goes.
 
     python -m benchmarks.train_throughput --models StoryLlama --json out.json
 """
@@ -51,7 +52,8 @@ def kernel_profile(step, steps: int) -> dict:
     per_step = {e.key: e.device_time_total / steps / 1e3 for e in kernels}
     categories: dict[str, float] = {}
     for name, ms in per_step.items():
-        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + ms
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[:25]
     return {"cuda_ms_per_step": sum(per_step.values()),
             "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
