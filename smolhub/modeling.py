@@ -10,12 +10,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from smolhub.config import ModelConfig
 from smolhub.errors import UserError
 from smolhub.layers import GroupedExperts, KVCache, SlidingWindowKVCache
+from smolhub.loss import cross_entropy
 
 ARCHITECTURES = ("SmolTransformer", "StoryLlama", "SmolMixtral", "StoryMixtral", "StoryKimi")
 
@@ -89,9 +89,7 @@ class CausalLM(nn.Module):
         Training never returns the logits, so the loss computation is free to avoid keeping them."""
         if targets is None:
             return self.lm_head(x), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return None, loss
+        return None, cross_entropy(self.lm_head(x), targets)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Extra training losses collected in the last forward (MoE balancing); None for dense models."""
