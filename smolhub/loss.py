@@ -30,7 +30,9 @@ def _chunked_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_i
     valid = targets != ignore_index
     safe_targets = targets.masked_fill(~valid, 0)[:, None]
     count = valid.sum()  # 0 gives nan, as F.cross_entropy does
-    weight = valid / count  # each row's share of the mean; 0 for ignored rows
+    # each row's share of the mean (0 for ignored rows). fp16 keeps the gradient unscaled: its range
+    # would flush probability / count to zero before the loss scaler's factor multiplies it back
+    weight = valid / count if logits.dtype != torch.float16 else valid.float()
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if want_grad else None
     rows = max(1, chunk_elements // logits.size(-1))
@@ -46,11 +48,21 @@ def _chunked_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_i
     return total / count, grad
 
 
+def _gradient_factor(grad: torch.Tensor, grad_loss: torch.Tensor, targets: torch.Tensor,
+                     ignore_index: int) -> torch.Tensor:
+    """What the saved gradient still needs multiplying by: the incoming gradient, and for fp16 also
+    the 1 / count of the mean."""
+    if grad.dtype == torch.float16:
+        grad_loss = grad_loss.float() / (targets != ignore_index).sum()
+    return grad_loss.to(grad.dtype)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, chunk_elements):
         loss, grad = _chunked_loss_and_grad(logits, targets, ignore_index, chunk_elements, want_grad=True)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, targets)
+        ctx.ignore_index = ignore_index
         return loss
 
     @staticmethod
@@ -61,5 +73,5 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the chunked cross-entropy scales its saved gradient in place, so it "
                                "backpropagates once; compute the loss again for a second backward")
         ctx.used = True
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None
+        grad, targets = ctx.saved_tensors
+        return grad.mul_(_gradient_factor(grad, grad_loss, targets, ctx.ignore_index)), None, None, None
