@@ -25,14 +25,18 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 def _chunked_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_elements: int,
-                           want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mean loss, its gradient with respect to the logits or None), a chunk of rows at a time."""
+                           want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(mean loss, its gradient with respect to the logits or None, the factor that gradient still
+    needs in backward), a chunk of rows at a time."""
     valid = targets != ignore_index
     safe_targets = targets.masked_fill(~valid, 0)[:, None]
     count = valid.sum()  # 0 gives nan, as F.cross_entropy does
-    # each row's share of the mean (0 for ignored rows). fp16 keeps the gradient unscaled: its range
-    # would flush probability / count to zero before the loss scaler's factor multiplies it back
-    weight = valid / count if logits.dtype != torch.float16 else valid.float()
+    # each row's share of the mean is 1 / count (0 for ignored rows). fp16 defers it to backward: its
+    # range would flush probability / count to zero before the loss scaler's factor multiplies it back
+    if logits.dtype == torch.float16:
+        weight, deferred = valid.float(), 1.0 / count
+    else:
+        weight, deferred = valid / count, torch.ones((), device=logits.device)
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if want_grad else None
     rows = max(1, chunk_elements // logits.size(-1))
@@ -45,24 +49,14 @@ def _chunked_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_i
             probs = (x - log_norm).exp_()
             probs.scatter_add_(1, safe_targets[chunk], torch.full_like(log_norm, -1.0))
             grad[chunk] = probs.mul_(weight[chunk, None])
-    return total / count, grad
-
-
-def _gradient_factor(grad: torch.Tensor, grad_loss: torch.Tensor, targets: torch.Tensor,
-                     ignore_index: int) -> torch.Tensor:
-    """What the saved gradient still needs multiplying by: the incoming gradient, and for fp16 also
-    the 1 / count of the mean."""
-    if grad.dtype == torch.float16:
-        grad_loss = grad_loss.float() / (targets != ignore_index).sum()
-    return grad_loss.to(grad.dtype)
+    return total / count, grad, deferred
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, chunk_elements):
-        loss, grad = _chunked_loss_and_grad(logits, targets, ignore_index, chunk_elements, want_grad=True)
-        ctx.save_for_backward(grad, targets)
-        ctx.ignore_index = ignore_index
+        loss, grad, deferred = _chunked_loss_and_grad(logits, targets, ignore_index, chunk_elements, want_grad=True)
+        ctx.save_for_backward(grad, deferred)
         return loss
 
     @staticmethod
@@ -73,5 +67,5 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the chunked cross-entropy scales its saved gradient in place, so it "
                                "backpropagates once; compute the loss again for a second backward")
         ctx.used = True
-        grad, targets = ctx.saved_tensors
-        return grad.mul_(_gradient_factor(grad, grad_loss, targets, ctx.ignore_index)), None, None, None
+        grad, deferred = ctx.saved_tensors
+        return grad.mul_((grad_loss * deferred).to(grad.dtype)), None, None, None
