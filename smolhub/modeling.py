@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from smolhub.config import ModelConfig
 from smolhub.errors import UserError
 from smolhub.layers import GroupedExperts, KVCache, SlidingWindowKVCache
-from smolhub.loss import cross_entropy
+from smolhub.loss import linear_cross_entropy
 
 ARCHITECTURES = ("SmolTransformer", "StoryLlama", "SmolMixtral", "StoryMixtral", "StoryKimi")
 
@@ -86,10 +86,11 @@ class CausalLM(nn.Module):
     def logits_and_loss(self, x: torch.Tensor, targets: torch.Tensor | None):
         """Final hidden states -> (logits, None) for inference, or (None, mean cross-entropy) for training.
 
-        Training never returns the logits, so the loss computation is free to avoid keeping them."""
+        Training never returns the logits: the head and the loss run as one step that keeps only
+        their gradient (smolhub/loss.py)."""
         if targets is None:
             return self.lm_head(x), None
-        return None, cross_entropy(self.lm_head(x), targets)
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Extra training losses collected in the last forward (MoE balancing); None for dense models."""

@@ -133,11 +133,12 @@ def test_profile_sorts_kernels_by_what_they_compute(kernel, category):
     assert kernel_category(kernel) == category
 
 
-def test_loss_memory_benchmark_shows_the_chunked_loss_holds_less():
+def test_loss_memory_benchmark_shows_the_fused_loss_holds_less():
     from benchmarks import loss_memory
 
-    plain, chunked = loss_memory.main(["--tokens", "4096", "--vocab", "50304", "--device", "cpu"])
-    assert plain["variant"] == "F.cross_entropy" and chunked["variant"] == "smolhub chunked"
-    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-6)
-    # F.cross_entropy(logits.float()) holds ~6x the bf16 logits at its peak, the chunked loss ~2-3x
-    assert chunked["peak_growth_gib"] < 0.6 * plain["peak_growth_gib"]
+    plain, fused = loss_memory.main(["--tokens", "4096", "--dim", "8", "--vocab", "50304", "--device", "cpu"])
+    assert plain["variant"] == "F.cross_entropy" and fused["variant"] == "smolhub fused"
+    assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    # F.cross_entropy(logits.float()) holds ~6x the bf16 logits at its peak; the fused loss ~3x at
+    # this size, most of it the fixed ~0.5 GB of one fp32 chunk and its logsumexp temporary
+    assert fused["peak_growth_gib"] < 0.6 * plain["peak_growth_gib"]

@@ -1,54 +1,62 @@
-"""The eager chunked cross-entropy against F.cross_entropy, and what it keeps for backward."""
+"""The fused head + cross-entropy against F.linear + F.cross_entropy, and what it keeps for backward."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from smolhub.loss import cross_entropy
+from smolhub.loss import linear_cross_entropy, reference_linear_cross_entropy
 
-
-def reference(logits, targets):
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+ROWS, DIM, VOCAB, IGNORED = 37, 24, 101, [3, 4, 20]
 
 
-def logits_and_targets(dtype, rows=37, vocab=101, ignored=(3, 4, 20)):
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 4).to(dtype).requires_grad_()
+def inputs(dtype=torch.float32, rows=ROWS, vocab=VOCAB, ignored=IGNORED, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(rows, DIM, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, DIM, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
     targets = torch.randint(0, vocab, (rows,), generator=g)
-    targets[list(ignored)] = -100
-    return logits, targets
+    targets[ignored] = -100
+    return hidden, weight, targets
 
 
-@pytest.mark.parametrize("chunk_elements", [101, 5 * 101 + 7, 10**9])  # one row, ragged chunks, one chunk
-def test_loss_and_gradient_equal_f_cross_entropy(chunk_elements):
-    logits, targets = logits_and_targets(torch.float32)
-    ours = cross_entropy(logits, targets, chunk_elements=chunk_elements)
-    (grad_ours,) = torch.autograd.grad(ours * 3.0, logits)  # a scaled loss, as gradient accumulation makes
-    theirs = reference(logits, targets)
-    (grad_theirs,) = torch.autograd.grad(theirs * 3.0, logits)
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-7)
-    assert grad_ours[[3, 4, 20]].abs().max() == 0  # ignored rows get no gradient
+def loss_and_grads(fn, hidden, weight, targets, scale=3.0, **kwargs):
+    loss = fn(hidden, weight, targets, **kwargs)
+    return (loss, *torch.autograd.grad(loss * scale, (hidden, weight)))  # scaled, as accumulation makes
 
 
-def test_bf16_logits_give_the_fp32_loss_and_a_bf16_gradient():
-    logits, targets = logits_and_targets(torch.bfloat16)
-    ours = cross_entropy(logits, targets, chunk_elements=300)
-    (grad_ours,) = torch.autograd.grad(ours, logits)
-    theirs = reference(logits, targets)
-    (grad_theirs,) = torch.autograd.grad(theirs, logits)
-    assert ours.dtype == torch.float32 and grad_ours.dtype == torch.bfloat16
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_ours, grad_theirs)  # bf16 tolerances: one rounding each
+@pytest.mark.parametrize("chunk_elements", [VOCAB, 5 * VOCAB + 7, 10**9])  # one row, ragged chunks, one chunk
+def test_loss_and_gradients_equal_the_plain_head_and_loss(chunk_elements):
+    hidden, weight, targets = inputs()
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_elements=chunk_elements)
+    theirs = loss_and_grads(reference_linear_cross_entropy, hidden, weight, targets)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ignored_rows_get_no_gradient():
+    hidden, weight, targets = inputs()
+    _, grad_hidden, _ = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    assert grad_hidden[IGNORED].abs().max() == 0 and grad_hidden.abs().sum(dim=1).min() == 0
+    assert (grad_hidden.abs().sum(dim=1) > 0).sum() == ROWS - len(IGNORED)
+
+
+def test_bf16_autocast_matches_the_plain_head_and_loss_under_autocast():
+    hidden, weight, targets = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+        theirs = loss_and_grads(reference_linear_cross_entropy, hidden, weight, targets)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.float32  # fp32 params
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)  # same bf16 logits, fp32 loss
+    for a, b in zip(ours[1:], theirs[1:]):  # bf16 gradient of the logits, rounded at different points
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
 def test_no_grad_gives_the_same_loss():
-    logits, targets = logits_and_targets(torch.float32)
+    hidden, weight, targets = inputs()
     with torch.no_grad():
-        evaluated = cross_entropy(logits, targets, chunk_elements=500)
-    torch.testing.assert_close(evaluated, reference(logits, targets).detach(), rtol=1e-6, atol=1e-6)
+        evaluated = linear_cross_entropy(hidden, weight, targets, chunk_elements=500)
+        expected = reference_linear_cross_entropy(hidden, weight, targets)
+    torch.testing.assert_close(evaluated, expected, rtol=1e-6, atol=1e-6)
 
 
-def saved_for_backward(loss_fn, logits, targets):
+def saved_for_backward(fn, *args):
     saved = []
 
     def pack(t):
@@ -56,31 +64,49 @@ def saved_for_backward(loss_fn, logits, targets):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(logits, targets)
+        fn(*args)
     return saved
 
 
-def test_keeps_no_fp32_logits_for_backward():
-    logits, targets = logits_and_targets(torch.bfloat16)
-    full = tuple(logits.shape)
-    assert (full, torch.float32) in saved_for_backward(reference, logits, targets)  # what it avoids
-    ours = saved_for_backward(lambda lg, t: cross_entropy(lg, t, chunk_elements=300), logits, targets)
-    assert [dtype for shape, dtype in ours if shape == full] == [torch.bfloat16]  # the gradient, no fp32 logits
+def test_keeps_one_bf16_logits_sized_tensor_for_backward():
+    hidden, weight, targets = inputs()
+    full = (ROWS, VOCAB)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = saved_for_backward(reference_linear_cross_entropy, hidden, weight, targets)
+        ours = saved_for_backward(linear_cross_entropy, hidden, weight, targets)
+    assert (full, torch.float32) in plain  # what it avoids: the fp32 log-softmax
+    assert [dtype for shape, dtype in ours if shape == full] == [torch.bfloat16]  # the gradient alone
 
 
-def test_a_second_backward_is_refused_not_wrong():
-    logits, targets = logits_and_targets(torch.float32)
-    loss = cross_entropy(logits, targets)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backpropagates once"):
-        loss.backward()
+def test_a_second_backward_gives_the_same_gradients():
+    hidden, weight, targets = inputs()
+    loss = linear_cross_entropy(hidden, weight, targets)
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
-def test_fp16_gradient_survives_loss_scaling_like_f_cross_entropy():
+def test_fp16_gradient_survives_loss_scaling_like_the_plain_loss():
     # fp16 AMP: the loss is multiplied by the scaler's 65536; probability / 2048 tokens would be
-    # below fp16's smallest subnormal for most classes if the mean were taken before that
-    logits, targets = logits_and_targets(torch.float16, rows=2048, vocab=301, ignored=(0,))
-    (grad_ours,) = torch.autograd.grad(cross_entropy(logits, targets, chunk_elements=301 * 300) * 65536.0, logits)
-    (grad_theirs,) = torch.autograd.grad(reference(logits, targets) * 65536.0, logits)
-    assert (grad_theirs != 0).float().mean() > 0.9
-    torch.testing.assert_close(grad_ours, grad_theirs, rtol=2e-3, atol=1e-5)
+    # below fp16's smallest subnormal for most classes if the mean were taken on the logits' gradient
+    hidden, weight, targets = inputs(torch.float16, rows=2048, vocab=301, ignored=[0])
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, scale=65536.0)
+    plain = loss_and_grads(reference_linear_cross_entropy, hidden, weight, targets, scale=65536.0)
+    exact = loss_and_grads(reference_linear_cross_entropy, *(t.detach().double().requires_grad_()
+                                                             for t in (hidden, weight)), targets, scale=65536.0)
+    torch.testing.assert_close(ours[0], plain[0], rtol=1e-5, atol=1e-5)  # the same fp16 logits
+    for a, b, truth in zip(ours[1:], plain[1:], exact[1:]):
+        assert a.dtype == torch.float16 and a.isfinite().all() and (a != 0).float().mean() > 0.9
+        error = lambda x: ((x.double() - truth).norm() / truth.norm()).item()
+        assert error(a) < max(2 * error(b), 1e-3)  # fp16 rounding, no worse than the plain loss's
+
+
+def test_compiled_model_loss_equals_eager():
+    """The custom op under torch.compile: one graph, the same loss and gradients as eager."""
+    hidden, weight, targets = inputs()
+    compiled = torch.compile(linear_cross_entropy, fullgraph=True, backend="aot_eager")
+    ours = loss_and_grads(compiled, hidden, weight, targets)
+    eager = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
