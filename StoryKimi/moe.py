@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smolhub.layers import GroupedExperts, SwiGLU
+from smolhub.layers import GroupedExperts, SwiGLU, top_k_indices
 from StoryKimi.config import StoryKimiConfig
 
 
@@ -33,7 +33,7 @@ class SigmoidRouter(nn.Module):
         """x (N, dim) -> scores (N, E), expert_idx (N, k), weights (N, k)."""
         with torch.autocast(x.device.type, enabled=False):  # bf16 rounding would flip top-k choices
             scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))
-        expert_idx = (scores + self.balance_bias).topk(self.top_k, dim=-1).indices
+        expert_idx = top_k_indices(scores + self.balance_bias, self.top_k)
         weights = scores.gather(-1, expert_idx)
         return scores, expert_idx, self.scaling * weights / weights.sum(dim=-1, keepdim=True)
 

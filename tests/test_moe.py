@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from smolhub.layers import GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter, moe_aux_loss
-from smolhub.layers.moe import drop_over_capacity, router_z_loss, switch_balance_loss
+from smolhub.layers.moe import drop_over_capacity, router_z_loss, switch_balance_loss, top_k_indices
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,19 @@ def test_grouped_path_is_chosen_only_where_the_kernel_runs():
     reference = GroupedExperts(2, 16, 16, use_grouped_mm=False)
     reference.load_state_dict(experts.state_dict())
     assert torch.equal(experts(x, idx, w), reference(x, idx, w))
+
+
+@pytest.mark.parametrize("experts,k", [(8, 2), (4, 1), (16, 4), (64, 6)])  # 64: the torch.topk branch
+def test_top_k_indices_equal_torch_topk(experts, k):
+    scores = torch.randn(3, 50, experts, generator=torch.Generator().manual_seed(experts))
+    assert torch.equal(top_k_indices(scores, k), scores.topk(k, dim=-1).indices)
+    compiled = torch.compile(top_k_indices, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(scores, k), scores.topk(k, dim=-1).indices)
+
+
+def test_top_k_indices_break_ties_towards_the_lower_index():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    assert top_k_indices(scores, 3).tolist() == [[1, 3, 0], [0, 1, 2]]
 
 
 def test_router_weights_are_renormalised_top_k():

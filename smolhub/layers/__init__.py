@@ -9,6 +9,7 @@ from smolhub.layers.moe import (
     inactive_expert_params,
     moe_aux_loss,
     moe_metrics,
+    top_k_indices,
 )
 from smolhub.layers.norms import LayerNorm, RMSNorm
 from smolhub.layers.positions import (
@@ -23,5 +24,5 @@ __all__ = [
     "SlidingWindowKVCache",
     "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEmbedding", "apply_rotary",
     "GroupedExperts", "MoEFeedForward", "NoisyTopKRouter", "SoftmaxTopKRouter", "moe_aux_loss", "moe_metrics",
-    "inactive_expert_params",
+    "inactive_expert_params", "top_k_indices",
 ]
