@@ -14,7 +14,12 @@ sliding-window layers, and CUDA-graph decoding.
    their speed next to plain causal SDPA;
 5. with --models: the CUDA-graph decoder of all five models against eager cached decoding, and
    graph breaks and compiled training-step throughput of SmolMixtral and StoryMixtral
-   (--decoding: the decoder check alone).
+   (--decoding: the decoder check alone);
+6. the fused head + cross-entropy (smolhub/loss.py): its Triton kernel against the torch path,
+   the loss and gradients against F.linear + F.cross_entropy in fp32, compiled against eager, the
+   kernel's bandwidth per launch configuration, and forward + backward time and peak memory against
+   compiled F.linear + F.cross_entropy(logits.float()); and the fused q/k/v RoPE op's Triton kernel
+   against its torch path, with its bandwidth each way (--loss: these two checks alone).
 """
 from __future__ import annotations
 
@@ -266,6 +271,90 @@ def check_decoding():
         torch.cuda.empty_cache()
 
 
+def check_rotary_qkv(args) -> None:
+    from smolhub.kernels.rotary import rotary_qkv, rotary_qkv_backward
+    from smolhub.layers import RotaryEmbedding
+    from smolhub.layers.positions import _rotate_halves
+
+    print("RoPE on the fused q/k/v projection")
+    B, T, H, KV, D = args.rope_batch, 512, 12, 4, 64
+    cos, sin = RotaryEmbedding(D, T).cuda()(0, T)
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(B, T, (H + 2 * KV) * D, device="cuda", dtype=dtype)
+        q, k, v = qkv.view(B, T, H + 2 * KV, D).split([H, KV, KV], dim=2)
+        expected = (_rotate_halves(q, cos, sin, False), _rotate_halves(k, cos, sin, False), v)
+        got = rotary_qkv(qkv, cos, sin, H, KV)
+        report(f"{dtype}: q / k / v rel err vs torch", " / ".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, expected)))
+        grads = [torch.randn_like(t) for t in got]
+        expected = torch.cat([_rotate_halves(grads[0], cos, sin, True), _rotate_halves(grads[1], cos, sin, True),
+                              grads[2]], dim=2).flatten(2)
+        report(f"{dtype}: d qkv rel err vs torch", f"{rel_err(rotary_qkv_backward(*grads, cos, sin), expected):.1e}")
+    gb = 2 * qkv.numel() * qkv.element_size() / 1e9  # each way: read once, write once
+    ms = cuda_time_ms(lambda: rotary_qkv(qkv, cos, sin, H, KV))
+    report(f"kernel forward ({B}x{T}x{(H + 2 * KV) * D} bf16)", f"{ms:.3f} ms  {gb / ms:.2f} TB/s")
+    ms = cuda_time_ms(lambda: rotary_qkv_backward(*grads, cos, sin))
+    report("kernel backward", f"{ms:.3f} ms  {gb / ms:.2f} TB/s")
+
+
+def check_linear_cross_entropy(args) -> None:
+    from smolhub.kernels.cross_entropy import cross_entropy_rows_
+    from smolhub.loss import _cross_entropy_rows_torch, linear_cross_entropy, reference_linear_cross_entropy
+
+    print("fused head + cross-entropy")
+    N, C, V = args.loss_tokens, args.loss_dim, args.loss_vocab
+    logits = torch.randn(4096, V, device="cuda").mul_(3).bfloat16()
+    targets = torch.randint(0, V, (4096,), device="cuda")
+    targets[::97] = -100
+    ours, theirs = logits.clone(), logits.clone()
+    loss_ours = cross_entropy_rows_(ours, targets, -100, True)
+    loss_theirs = _cross_entropy_rows_torch(theirs, targets, -100, True, 1 << 26)
+    report("kernel vs torch path: per-row loss rel err", f"{rel_err(loss_ours, loss_theirs):.2e}")
+    report("kernel vs torch path: gradient rel err (bf16)", f"{rel_err(ours, theirs):.2e}")
+    report("kernel: ignored rows all zero, no non-finite", str(bool((ours[::97] == 0).all() and ours.isfinite().all())))
+
+    hidden = torch.randn(N, C, device="cuda", requires_grad=True)
+    weight = (torch.randn(V, C, device="cuda") * 0.02).requires_grad_()
+    targets = torch.randint(0, V, (N,), device="cuda")
+    targets[::101] = -100
+
+    def loss_and_grads(fn, amp=True):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = fn(hidden, weight, targets)
+        loss.backward()
+        return loss.detach(), hidden.grad, weight.grad
+
+    exact = loss_and_grads(reference_linear_cross_entropy, amp=False)
+    compiled_plain = torch.compile(reference_linear_cross_entropy)
+    compiled_ours = torch.compile(linear_cross_entropy, fullgraph=True)
+    for label, fn in (("fused, eager", linear_cross_entropy), ("fused, compiled", compiled_ours),
+                      ("F.linear + F.cross_entropy, compiled", compiled_plain)):
+        got = loss_and_grads(fn)
+        report(f"{label}: loss / d hidden / d weight rel err vs fp32",
+               " / ".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, exact)))
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = cuda_time_ms(lambda: loss_and_grads(fn))
+        return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+    for label, fn in (("F.linear + F.cross_entropy, compiled", compiled_plain), ("fused, eager", linear_cross_entropy),
+                      ("fused, compiled", compiled_ours), ("F.linear + F.cross_entropy, compiled (again)", compiled_plain)):
+        ms, gib = timed(fn)
+        report(f"{label}: fwd+bwd ms, peak GiB above inputs ({N}x{C}x{V})", f"{ms:.2f} ms  {gib:.2f} GiB")
+
+    logits = torch.randn(N, V, device="cuda").bfloat16()
+    gb = 2 * logits.numel() * logits.element_size() / 1e9  # read once, overwritten once
+    for block in (2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16, 32):
+            ms = cuda_time_ms(lambda: cross_entropy_rows_(logits, targets, -100, True, block, warps))
+            report(f"kernel BLOCK={block} num_warps={warps}", f"{ms:.3f} ms  {gb / ms:.2f} TB/s")
+    ms = cuda_time_ms(lambda: cross_entropy_rows_(logits, targets, -100, True))
+    report("kernel, default launch configuration", f"{ms:.3f} ms  {gb / ms:.2f} TB/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384)
@@ -279,6 +368,11 @@ def main() -> None:
     parser.add_argument("--models", action="store_true", help="also compile and time both full MoE models")
     parser.add_argument("--decoding", action="store_true", help="only check CUDA-graph decoding, all five models")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step in --models")
+    parser.add_argument("--loss", action="store_true", help="only check the fused RoPE and head + cross-entropy ops")
+    parser.add_argument("--rope_batch", type=int, default=64, help="sequences of 512 tokens in the RoPE check")
+    parser.add_argument("--loss_tokens", type=int, default=32768)
+    parser.add_argument("--loss_dim", type=int, default=768)
+    parser.add_argument("--loss_vocab", type=int, default=50304)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("check_gpu.py needs a CUDA GPU")
@@ -293,12 +387,18 @@ def main() -> None:
     if args.decoding:
         check_decoding()
         return
+    if args.loss:
+        check_rotary_qkv(args)
+        check_linear_cross_entropy(args)
+        return
     x = torch.randn(args.tokens, args.dim, device="cuda")
     g = torch.randn(args.tokens, args.dim, device="cuda")
     check_grouped_equals_loop(args, x, g)
     check_graph_breaks(args, x, g)
     time_moe(args, x, g)
     check_sliding_window(args)
+    check_rotary_qkv(args)
+    check_linear_cross_entropy(args)
     if args.models:
         check_decoding()
         check_models(args)

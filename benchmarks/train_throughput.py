@@ -30,7 +30,7 @@ KERNEL_CATEGORIES = [
     ("norm", r"rms_norm|layer_norm|rsqrt|var_mean"),
     ("cross-entropy", r"log_softmax|nll_loss|logsumexp|cross_entropy"),
     ("activation", r"silu|sigmoid|gelu|tanh|erf"),
-    ("rotary", r"cos|sin|neg"),
+    ("rotary", r"rotary|cos|sin|neg"),
     ("embedding", r"embedding"),
 ]
 

@@ -123,6 +123,8 @@ def test_memory_search_finds_the_largest_fitting_batch(limit):
     ("triton_poi_fused__unsafe_view_cat_mul_silu_silu_backward_split_view_3", "activation"),
     ("triton_poi_fused__unsafe_view_gelu_gelu_backward_view_3", "activation"),
     ("triton_poi_fused__to_copy_add_cat_mul_neg_slice_transpose_unsqueeze_view_7", "rotary"),
+    ("_rotary_qkv", "rotary"),  # smolhub.kernels
+    ("_cross_entropy_rows", "cross-entropy"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
      "FusedOptimizerTenso", "optimizer"),
     ("triton_poi_fused_cat_transpose_view_6", "other"),

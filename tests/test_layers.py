@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from smolhub.layers import (CausalSelfAttention, GeluMLP, KVCache, LayerNorm, LearnedPositionalEmbedding, RMSNorm,
                             RotaryEmbedding, SinusoidalPositionalEmbedding, SwiGLU, apply_rotary)
+from smolhub.layers.positions import rotary_qkv
 
 
 def reference_attention(x, attn: CausalSelfAttention, rope=None):
@@ -89,6 +90,30 @@ def test_rope_offset_and_relative_property():
         return apply_rotary(v.view(1, 1, 1, 8), cos, sin).view(8)
 
     assert torch.allclose(rot(q, 3) @ rot(k, 1), rot(q, 30) @ rot(k, 28), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_head,n_kv", [(4, 4), (6, 2), (4, 1)], ids=["MHA", "GQA", "MQA"])
+def test_rotary_qkv_equals_split_and_apply_rotary_with_gradients(n_head, n_kv):
+    """The fused op (one Triton kernel each way on CUDA; torch here) against the plain split + rotate."""
+    torch.manual_seed(0)
+    B, T, D = 2, 9, 8
+    qkv = torch.randn(B, T, (n_head + 2 * n_kv) * D, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in RotaryEmbedding(D, 32)(5, T))
+
+    def plain(qkv):
+        q, k, v = qkv.split([n_head * D, n_kv * D, n_kv * D], dim=-1)
+        q, k = (apply_rotary(t.view(B, T, -1, D), cos[:, None], sin[:, None]) for t in (q, k))
+        return q, k, v.view(B, T, n_kv, D)
+
+    fused = rotary_qkv(qkv, cos, sin, n_head, n_kv)
+    grads = [torch.randn_like(t) for t in fused]
+    for a, b in zip(fused, plain(qkv)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(fused, qkv, grads)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain(qkv), qkv, grads)[0], rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: rotary_qkv(x, cos, sin, n_head, n_kv), (qkv,))
+    compiled = torch.compile(rotary_qkv, fullgraph=True, backend="aot_eager")(qkv, cos, sin, n_head, n_kv)
+    torch.testing.assert_close(torch.autograd.grad(compiled, qkv, grads)[0], grad, rtol=1e-12, atol=1e-12)
 
 
 def test_rmsnorm_formula():

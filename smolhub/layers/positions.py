@@ -42,6 +42,91 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The rotation of smolhub.kernels.rotary in torch: x (B, T, H, D), cos/sin (T, D)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(dtype).chunk(2, dim=-1)
+    (ca, cb), (sa, sb) = (t.to(dtype)[:, None].chunk(2, dim=-1) for t in (cos, sin))
+    if inverse:
+        y = torch.cat([x1 * ca + x2 * sb, x2 * cb - x1 * sa], dim=-1)
+    else:
+        y = torch.cat([x1 * ca - x2 * sa, x2 * cb + x1 * sb], dim=-1)
+    return y.to(x.dtype)
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    """Whether smolhub.kernels.rotary runs: CUDA, and a dtype whose math fp32 covers (not float64)."""
+    if not x.is_cuda or x.dtype == torch.float64:
+        return False
+    try:
+        import triton  # noqa: F401  (ships with CUDA builds of torch on Linux)
+    except ImportError:
+        return False
+    return True
+
+
+@torch.library.custom_op("smolhub::rotary_qkv", mutates_args=())
+def _rotary_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+                   n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, width = qkv.shape
+    head_dim = width // (n_head + 2 * n_kv)
+    if _triton_ok(qkv) and (head_dim // 2) & (head_dim // 2 - 1) == 0:  # the kernel wants D/2 a power of 2
+        from smolhub.kernels.rotary import rotary_qkv
+
+        return rotary_qkv(qkv.contiguous(), cos, sin, n_head, n_kv)
+    q, k, v = qkv.view(B, T, n_head + 2 * n_kv, head_dim).split([n_head, n_kv, n_kv], dim=2)
+    return _rotate_halves(q, cos, sin, False), _rotate_halves(k, cos, sin, False), v.contiguous()
+
+
+@_rotary_qkv_op.register_fake
+def _(qkv, cos, sin, n_head, n_kv):
+    B, T, width = qkv.shape
+    head_dim = width // (n_head + 2 * n_kv)
+    return (qkv.new_empty(B, T, n_head, head_dim), qkv.new_empty(B, T, n_kv, head_dim),
+            qkv.new_empty(B, T, n_kv, head_dim))
+
+
+@torch.library.custom_op("smolhub::rotary_qkv_backward", mutates_args=())
+def _rotary_qkv_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor) -> torch.Tensor:
+    head_dim = grad_q.size(-1)
+    if _triton_ok(grad_q) and (head_dim // 2) & (head_dim // 2 - 1) == 0:
+        from smolhub.kernels.rotary import rotary_qkv_backward
+
+        return rotary_qkv_backward(grad_q, grad_k, grad_v, cos, sin)
+    grads = (_rotate_halves(grad_q, cos, sin, True), _rotate_halves(grad_k, cos, sin, True), grad_v)
+    return torch.cat(grads, dim=2).flatten(2)
+
+
+@_rotary_qkv_backward_op.register_fake
+def _(grad_q, grad_k, grad_v, cos, sin):
+    B, T, n_head, head_dim = grad_q.shape
+    return grad_q.new_empty(B, T, (n_head + 2 * grad_k.size(2)) * head_dim)
+
+
+def _rotary_qkv_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _rotary_qkv_grad(ctx, grad_q, grad_k, grad_v):
+    cos, sin = ctx.saved_tensors
+    return _rotary_qkv_backward_op(grad_q, grad_k, grad_v, cos, sin), None, None, None, None
+
+
+_rotary_qkv_op.register_autograd(_rotary_qkv_grad, setup_context=_rotary_qkv_setup)
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+               n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused projection qkv (B, T, (n_head + 2 n_kv) D) -> q (B, T, n_head, D) and k (B, T, n_kv, D)
+    with RoPE applied for the positions of cos/sin (T, D), and v (B, T, n_kv, D).
+
+    The value of splitting and calling apply_rotary, computed in fp32. On CUDA one Triton kernel
+    each way (smolhub.kernels.rotary), which torch.compile sees as one opaque op: the split, the
+    rotation and the gradients' concatenation are one pass over memory in each direction."""
+    return _rotary_qkv_op(qkv, cos, sin, n_head, n_kv)
+
+
 class LearnedPositionalEmbedding(nn.Embedding):
     """GPT-2's learned absolute positions: one trained vector per position up to the context length."""
 
