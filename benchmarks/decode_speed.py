@@ -37,6 +37,24 @@ def measure(fn, tokens: int, repeats: int) -> dict:
     return {"first_tok_per_s": tokens / first, "tok_per_s": tokens / warm}
 
 
+def print_table(rows: list[dict]) -> None:
+    """One line per model and batch; '-' where a decoder or baseline was not run."""
+    def cell(value: float, width: int, spec: str = ",.0f") -> str:
+        return f"{value:>{width}{spec}}" if value == value else f"{'-':>{width}}"
+
+    print(f"\n{'model':<16}{'B':>4}{'ours':>9}{'(first)':>9}{'GiB':>6}{'compiled':>10}{'(first)':>9}"
+          f"{'hf dyn':>9}{'hf static':>11}{'vs static':>11}")
+    nan = {"tok_per_s": float("nan"), "first_tok_per_s": float("nan"), "peak_gib": float("nan")}
+    for r in rows:
+        o, c = r.get("ours", nan), r.get("ours_compiled", nan)
+        dyn, static = r.get("hf_dynamic", nan)["tok_per_s"], r.get("hf_static", nan)["tok_per_s"]
+        best = max(x["tok_per_s"] for x in (o, c) if x is not nan)  # --decoders runs at least one
+        print(f"{r['model']:<16}{r['batch']:>4}{cell(o['tok_per_s'], 9)}{cell(o['first_tok_per_s'], 9)}"
+              f"{cell(o['peak_gib'], 6, '.2f')}{cell(c['tok_per_s'], 10)}{cell(c['first_tok_per_s'], 9)}"
+              f"{cell(dyn, 9)}{cell(static, 11)}{cell(best / static, 10, '.2f')}"
+              f"{'x' if static == static else ''}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(pairs()))
@@ -88,17 +106,7 @@ def main():
             print(json.dumps(row), flush=True)
         del model, hf
         free()
-    print(f"\n{'model':<16}{'B':>4}{'ours':>9}{'(first)':>9}{'GiB':>6}{'compiled':>10}{'(first)':>9}"
-          f"{'hf dyn':>9}{'hf static':>11}{'vs static':>11}")
-    nan = {"tok_per_s": float("nan"), "first_tok_per_s": float("nan"), "peak_gib": float("nan")}
-    for r in rows:
-        o, c = r.get("ours", nan), r.get("ours_compiled", nan)
-        line = (f"{r['model']:<16}{r['batch']:>4}{o['tok_per_s']:>9,.0f}{o['first_tok_per_s']:>9,.0f}"
-                f"{o['peak_gib']:>6.2f}{c['tok_per_s']:>10,.0f}{c['first_tok_per_s']:>9,.0f}")
-        dyn, static = r.get("hf_dynamic", nan)["tok_per_s"], r.get("hf_static", nan)["tok_per_s"]
-        best = max(x["tok_per_s"] for x in (o, c) if x is not nan)
-        line += f"{dyn:>9,.0f}{static:>11,.0f}{best / static:>10.2f}x"
-        print(line)
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -144,3 +144,14 @@ def test_loss_memory_benchmark_shows_the_fused_loss_holds_less():
     # F.cross_entropy(logits.float()) holds ~6x the bf16 logits at its peak; the fused loss ~3x at
     # this size, most of it the fixed ~0.5 GB of one fp32 chunk and its logsumexp temporary
     assert fused["peak_growth_gib"] < 0.6 * plain["peak_growth_gib"]
+
+
+def test_decode_table_marks_what_did_not_run(capsys):
+    from benchmarks.decode_speed import print_table
+
+    ran = {"tok_per_s": 1026.0, "first_tok_per_s": 7.0}
+    print_table([{"model": "StoryKimi", "batch": 1, "ours_compiled": ran, "hf_static": {"tok_per_s": 386.0}},
+                 {"model": "StoryKimi", "batch": 16, "ours_compiled": ran}])
+    first, second = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert first.split() == ["StoryKimi", "1", "-", "-", "-", "1,026", "7", "-", "386", "2.66x"]
+    assert second.split() == ["StoryKimi", "16", "-", "-", "-", "1,026", "7", "-", "-", "-"]
