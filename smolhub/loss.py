@@ -16,17 +16,9 @@ in chunks of rows. The work sits in a custom op, which torch.compile treats as o
 import torch
 import torch.nn.functional as F
 
+from smolhub.kernels import triton_available
+
 CHUNK_ELEMENTS = 1 << 26  # fp32 elements of one chunk of logits rows on the torch path: 256 MB
-
-
-def _use_triton(logits: torch.Tensor) -> bool:
-    if not logits.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401  (ships with CUDA builds of torch on Linux)
-    except ImportError:
-        return False
-    return True
 
 
 def _cross_entropy_rows_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, write_grad: bool,
@@ -54,7 +46,7 @@ def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, targets
     """(mean loss, d sum-of-losses / d logits (N, V) or an empty tensor, count of targets), all from
     hidden (N, C) and weight (V, C) in the matmul dtype."""
     logits = hidden @ weight.t()
-    if _use_triton(logits):
+    if triton_available(logits):
         from smolhub.kernels.cross_entropy import cross_entropy_rows_
 
         losses = cross_entropy_rows_(logits, targets, ignore_index, want_grad)

@@ -4,6 +4,8 @@ import math
 import torch
 import torch.nn as nn
 
+from smolhub.kernels import triton_available
+
 
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al., 2021) in the rotate-half layout that HF Llama/Mixtral use.
@@ -54,15 +56,11 @@ def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, invers
     return y.to(x.dtype)
 
 
-def _triton_ok(x: torch.Tensor) -> bool:
-    """Whether smolhub.kernels.rotary runs: CUDA, and a dtype whose math fp32 covers (not float64)."""
-    if not x.is_cuda or x.dtype == torch.float64:
-        return False
-    try:
-        import triton  # noqa: F401  (ships with CUDA builds of torch on Linux)
-    except ImportError:
-        return False
-    return True
+def _rotary_kernel_runs(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether smolhub.kernels.rotary takes x: CUDA with triton, a dtype whose math fp32 covers (not
+    float64), and head_dim / 2 a power of 2 (one block of columns per half)."""
+    half = head_dim // 2
+    return triton_available(x) and x.dtype != torch.float64 and half & (half - 1) == 0
 
 
 @torch.library.custom_op("smolhub::rotary_qkv", mutates_args=())
@@ -70,7 +68,7 @@ def _rotary_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_he
                    n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, width = qkv.shape
     head_dim = width // (n_head + 2 * n_kv)
-    if _triton_ok(qkv) and (head_dim // 2) & (head_dim // 2 - 1) == 0:  # the kernel wants D/2 a power of 2
+    if _rotary_kernel_runs(qkv, head_dim):
         from smolhub.kernels.rotary import rotary_qkv
 
         return rotary_qkv(qkv.contiguous(), cos, sin, n_head, n_kv)
@@ -89,8 +87,7 @@ def _(qkv, cos, sin, n_head, n_kv):
 @torch.library.custom_op("smolhub::rotary_qkv_backward", mutates_args=())
 def _rotary_qkv_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor) -> torch.Tensor:
-    head_dim = grad_q.size(-1)
-    if _triton_ok(grad_q) and (head_dim // 2) & (head_dim // 2 - 1) == 0:
+    if _rotary_kernel_runs(grad_q, grad_q.size(-1)):
         from smolhub.kernels.rotary import rotary_qkv_backward
 
         return rotary_qkv_backward(grad_q, grad_k, grad_v, cos, sin)
