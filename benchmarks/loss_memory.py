@@ -16,7 +16,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from smolhub.loss import linear_cross_entropy, reference_linear_cross_entropy
 

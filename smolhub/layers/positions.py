@@ -45,14 +45,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """The rotation of smolhub.kernels.rotary in torch: x (B, T, H, D), cos/sin (T, D)."""
+    """The rotation of smolhub.kernels.rotary in torch, in fp32 at least: x (B, T, H, D), cos/sin (T, D).
+    inverse applies its transpose, x cos - rotate_half(x sin): how a gradient flows back through it."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
-    (ca, cb), (sa, sb) = (t.to(dtype)[:, None].chunk(2, dim=-1) for t in (cos, sin))
-    if inverse:
-        y = torch.cat([x1 * ca + x2 * sb, x2 * cb - x1 * sa], dim=-1)
-    else:
-        y = torch.cat([x1 * ca - x2 * sa, x2 * cb + x1 * sb], dim=-1)
+    x32, cos, sin = x.to(dtype), cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    y = x32 * cos - rotate_half(x32 * sin) if inverse else apply_rotary(x32, cos, sin)
     return y.to(x.dtype)
 
 
