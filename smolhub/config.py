@@ -158,6 +158,10 @@ class TrainConfig:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto", "Autocast precision; auto = bf16 on GPUs that have it, fp16 + loss scaling otherwise, fp32 on CPU.")
     compile: Literal["auto", "true", "false"] = option("auto", "torch.compile the model; auto = on CUDA only.")
+    cuda_graphs: Literal["auto", "true", "false"] = option(
+        "auto", "Replay the compiled forward and backward as CUDA graphs (torch.compile mode 'reduce-overhead'): "
+        "the CPU's kernel launches leave the step. Needs compile, one CUDA process and one micro-batch per step "
+        "(CUDA graphs corrupt accumulated gradients: pytorch/pytorch#169545); auto = on where those hold.")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms, for bit-exact reruns.")
     seed: int = option(1337, "Seed for init, data order and sampling.")
     # evaluation, samples, logging

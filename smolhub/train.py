@@ -94,6 +94,18 @@ def check_seq_len_stages(cfg: TrainConfig, block_size: int) -> None:
             raise UserError(f"--seq_len_stages: {s} must be a divisor of block_size ({block_size}) below it")
 
 
+def use_cuda_graphs(cfg: TrainConfig, rt: Runtime, use_compile: bool, accum: int) -> bool:
+    """Whether the compiled model replays CUDA graphs (--cuda_graphs); 'true' where they can't is an error."""
+    blockers = [why for why, blocked in [
+        ("a CUDA device", rt.device.type != "cuda"), ("--compile", not use_compile),
+        ("one process (not torchrun)", rt.distributed),
+        (f"one micro-batch per step (this run has {accum}: lower --tokens_per_step or raise --batch_size)", accum > 1),
+    ] if blocked]
+    if cfg.cuda_graphs == "true" and blockers:
+        raise UserError(f"--cuda_graphs true needs {', '.join(blockers)}; or set --cuda_graphs auto")
+    return cfg.cuda_graphs != "false" and not blockers
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
@@ -189,6 +201,8 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
+    use_cuda_graphs(cfg, rt, use_compile, accum=1)  # where they can never run, fail before the data is read
     resume_from = latest_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise UserError(f"--resume: no complete checkpoint in {out_dir}; drop --resume to start a new run")
@@ -242,14 +256,14 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
         set_rng_state(state["rng"][rt.rank % len(state["rng"])], rt.device)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
 
-    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
-    fwd_model = torch.compile(model) if use_compile else model
+    accum = grad_accum_steps(cfg, mcfg.block_size, rt.world_size)
+    graphs = use_cuda_graphs(cfg, rt, use_compile, accum)
+    fwd_model = torch.compile(model, mode="reduce-overhead" if graphs else None) if use_compile else model
     train_model = fwd_model
     if rt.distributed:
         device_ids = [rt.device.index] if rt.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=device_ids)
 
-    accum = grad_accum_steps(cfg, mcfg.block_size, rt.world_size)
     tokens_per_step = accum * cfg.batch_size * mcfg.block_size * rt.world_size
     peak_flops = (cfg.peak_tflops or (989.5 if rt.device.type == "cuda" else 0.0)) * 1e12
     run_config = {"architecture": arch, "model": mcfg.to_dict(), "train": asdict(cfg),
@@ -260,7 +274,8 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
         where = f"resuming {resume_from} at step {start_step}" if resume_from else "starting"
         logger.write(f"{arch}: {model.num_params() / 1e6:.2f}M parameters ({model.num_active_params() / 1e6:.2f}M "
                      f"active), {where}; {rt.world_size} process(es) on {rt.device.type}, {amp_dtype}, "
-                     f"compile={use_compile}, {tokens_per_step} tokens/step ({accum} micro-batches)")
+                     f"compile={use_compile}, cuda_graphs={graphs}, {tokens_per_step} tokens/step "
+                     f"({accum} micro-batches)")
 
     def save(step: int, val_loss: float | None) -> None:
         states = [None] * rt.world_size

@@ -13,6 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO, SHAKESPEARE, run_script, script_env, tiny_train_args
 from smolhub.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_trainer_state
+from smolhub.config import TrainConfig
+from smolhub.errors import UserError
+from smolhub.train import Runtime, use_cuda_graphs
 
 LLAMA = REPO / "StoryLlama"
 
@@ -196,6 +199,24 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
                    "not a SmolHub checkpoint")
     one_line_error(run_script(["inference.py", "--checkpoint", str(trained), "--device", "cpu", "--compile"], LLAMA,
                               check=False), "--compile")
+    one_line_error(run_script(tiny_train_args(tmp_path / "graphs", tmp_path / "data", "--cuda_graphs", "true"), LLAMA,
+                              check=False), "--cuda_graphs true needs a CUDA device")
+
+
+def test_cuda_graphs_only_where_they_are_safe():
+    """auto turns CUDA graphs on for one compiled CUDA process at one micro-batch per step and off
+    elsewhere (gradient accumulation under CUDA graphs corrupts the gradients); true where they can't
+    run is an error naming every blocker, false always wins."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    one_gpu, two_gpus, on_cpu = Runtime(0, 0, 1, cuda), Runtime(0, 0, 2, cuda), Runtime(0, 0, 1, cpu)
+    auto, on, off = (TrainConfig(cuda_graphs=v) for v in ("auto", "true", "false"))
+    assert use_cuda_graphs(auto, one_gpu, True, 1) and use_cuda_graphs(on, one_gpu, True, 1)
+    assert not use_cuda_graphs(off, one_gpu, True, 1)
+    for rt, compiled, accum in [(on_cpu, True, 1), (one_gpu, False, 1), (two_gpus, True, 1), (one_gpu, True, 4)]:
+        assert not use_cuda_graphs(auto, rt, compiled, accum)
+    with pytest.raises(UserError, match="a CUDA device, --compile, one process .*one micro-batch per step "
+                                        r"\(this run has 4"):
+        use_cuda_graphs(on, Runtime(0, 0, 2, cpu), False, 4)
 
 
 def test_corrupt_checkpoint_is_refused_and_left_alone(trained, tmp_path):
