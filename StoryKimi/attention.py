@@ -50,8 +50,9 @@ class MLACache:
         buffer when start_pos is a tensor: `attend` then masks the positions not yet written)."""
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos + torch.arange(latent.size(1), device=latent.device)
-            self.latent.index_copy_(1, positions, latent)
-            self.k_rope.index_copy_(1, positions, k_rope)
+            # in the cache's dtype, as the slice assignment below stores (autocast makes these bf16)
+            self.latent.index_copy_(1, positions, latent.to(self.latent.dtype))
+            self.k_rope.index_copy_(1, positions, k_rope.to(self.k_rope.dtype))
             return self.latent, self.k_rope
         end = start_pos + latent.size(1)
         if end > self.max_len:

@@ -359,7 +359,7 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
                     postfix["val"] = f"{last_val:.3f}"
                 pbar.set_postfix(postfix)
             if rt.is_main and cfg.sample_interval and (step % cfg.sample_interval == 0 or last):
-                logger.write(f"step {step} sample: {cfg.sample_prompt}{sample(model, tokenizer, cfg, amp)}")
+                logger.write(f"step {step} sample: {cfg.sample_prompt}{sample(model, tokenizer, cfg)}")
             stopping = stop.agreed(rt)
             if step % cfg.save_interval == 0 or last or stopping:
                 save(step, last_val)
@@ -376,12 +376,13 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
     return {"step": step, "tokens_seen": tokens_seen, "val_loss": last_val, "out_dir": str(out_dir)}
 
 
-def sample(model, tokenizer, cfg: TrainConfig, amp) -> str:
+def sample(model, tokenizer, cfg: TrainConfig) -> str:
+    """A short sample, outside the training autocast: on CUDA the decoder captures its step as a CUDA
+    graph and keeps it on the model for later generations, which should not inherit bf16 compute."""
     model.eval()
-    with amp:
-        text = "".join(stream_text(model, tokenizer, cfg.sample_prompt,
-                                   SamplingConfig(max_new_tokens=min(64, model.config.block_size // 2),
-                                                  temperature=0.8, top_k=50, seed=cfg.seed)))
+    text = "".join(stream_text(model, tokenizer, cfg.sample_prompt,
+                               SamplingConfig(max_new_tokens=min(64, model.config.block_size // 2),
+                                              temperature=0.8, top_k=50, seed=cfg.seed)))
     model.train()
     return text
 

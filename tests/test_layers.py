@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from smolhub.layers import (CausalSelfAttention, GeluMLP, KVCache, LayerNorm, LearnedPositionalEmbedding, RMSNorm,
-                            RotaryEmbedding, SinusoidalPositionalEmbedding, SwiGLU, apply_rotary)
+                            RotaryEmbedding, SinusoidalPositionalEmbedding, SlidingWindowKVCache, SwiGLU, apply_rotary)
 from smolhub.layers.positions import rotary_qkv
 
 
@@ -58,6 +58,31 @@ def test_attention_kv_cache_equals_full_forward(n_kv_heads, tensor_positions):
         pieces.append(attn(x[:, pos:pos + n], rope, cache, start))
         pos += n
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cache_kind", ["full", "window", "latent"])
+def test_caches_store_in_their_dtype_whatever_the_autocast(cache_kind):
+    """Under autocast new keys/values arrive in bf16 while the cache keeps the weights' dtype: the
+    tensor-position path (CUDA-graph decoding) must store them converted, as the int-position path
+    does, instead of failing (the trainer's periodic sample on a GPU did)."""
+    from StoryKimi.attention import MLACache
+
+    torch.manual_seed(0)
+    new = [torch.randn(2, 3, 1, 8).bfloat16(), torch.randn(2, 3, 1, 8).bfloat16()]
+    if cache_kind == "latent":
+        cache_class, shape = MLACache, (2, 16, 8, 8)  # batch, positions, latent width, rope width
+        new = [t.view(2, 3, 8)[:, :1] for t in new]
+    else:
+        cache_class = KVCache if cache_kind == "full" else SlidingWindowKVCache
+        shape = (2, 3, 16, 8)  # batch, kv heads, positions (the window), head size
+    by_tensor, by_int = cache_class(*shape, "cpu", torch.float32), cache_class(*shape, "cpu", torch.float32)
+    stored_by_tensor = by_tensor.update(*new, torch.tensor(5))
+    stored_by_int = by_int.update(*new, 5)
+    for a, b, written in zip(stored_by_tensor, stored_by_int, new):
+        assert a.dtype == b.dtype == torch.float32
+        assert (a == 0).sum() == a.numel() - written.numel()
+        torch.testing.assert_close(a[a != 0], written.float().flatten()[written.flatten() != 0])
+        torch.testing.assert_close(b[b != 0], written.float().flatten()[written.flatten() != 0])
 
 
 def test_attention_rejects_bad_head_split():

@@ -203,6 +203,20 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
                               check=False), "--cuda_graphs true needs a CUDA device")
 
 
+def test_samples_during_a_mixed_precision_run(tmp_path):
+    """The periodic samples of a bf16-autocast run (as every GPU run is) come at their interval and the
+    run goes on. (On a GPU the first one used to crash the run: test_layers.py's cache-dtype test
+    holds that bug; the CPU decodes another way.)"""
+    out = tmp_path / "out"
+    proc = run_script(tiny_train_args(out, tmp_path / "data", "--dtype", "bfloat16", "--max_steps", "4",
+                                      "--sample_interval", "2", "--eval_interval", "4", "--eval_batches", "2"),
+                      LLAMA, tmp_path)
+    samples = [line for line in proc.stdout.splitlines() if " sample: " in line]
+    assert [line.split(" sample: ")[0] for line in samples] == ["step 2", "step 4"], proc.stdout[-2000:]
+    assert all(len(line.split(" sample: ")[1]) > len("Once upon a time") for line in samples)
+    assert metrics(out)[-1]["step"] == 4
+
+
 def test_cuda_graphs_only_where_they_are_safe():
     """auto turns CUDA graphs on for one compiled CUDA process at one micro-batch per step and off
     elsewhere (gradient accumulation under CUDA graphs corrupts the gradients); true where they can't

@@ -31,8 +31,9 @@ class KVCache:
         the whole buffer is returned and `attend` masks the positions not yet written."""
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos + torch.arange(k.size(2), device=k.device)
-            self.k.index_copy_(2, positions, k)
-            self.v.index_copy_(2, positions, v)
+            # in the cache's dtype, as the slice assignment below stores (autocast makes k/v bf16)
+            self.k.index_copy_(2, positions, k.to(self.k.dtype))
+            self.v.index_copy_(2, positions, v.to(self.v.dtype))
             return self.k, self.v
         end = start_pos + k.size(2)
         if end > self.max_len:
@@ -64,8 +65,8 @@ class SlidingWindowKVCache(KVCache):
         T = k.size(2)
         if T == 1:  # the overwritten slot held start_pos - window, outside the query's window
             slot = torch.as_tensor(start_pos, device=self.k.device).view(1) % self.window
-            self.k.index_copy_(2, slot, k)
-            self.v.index_copy_(2, slot, v)
+            self.k.index_copy_(2, slot, k.to(self.k.dtype))
+            self.v.index_copy_(2, slot, v.to(self.v.dtype))
             return self.k, self.v
         # a chunk: its first queries may still need keys that its last positions evict, so attend to
         # the old buffer and the chunk together, then keep the newest `window` positions
