@@ -4,6 +4,7 @@ sliding-window layers, and CUDA-graph decoding.
     PYTHONPATH=. python benchmarks/check_gpu.py             # layers only, ~2 min
     PYTHONPATH=. python benchmarks/check_gpu.py --models    # + decoding, and both MoE models under torch.compile
     PYTHONPATH=. python benchmarks/check_gpu.py --decoding  # decoding of all five models only, ~2 min
+    PYTHONPATH=. python benchmarks/check_gpu.py --trainer input.txt  # each model's trainer, CUDA graphs on/off
 
 1. grouped == loop: the grouped-GEMM experts against the per-expert loop, forward and every
    gradient, in bf16 autocast over fp32 weights (the training setting);
@@ -19,12 +20,20 @@ sliding-window layers, and CUDA-graph decoding.
    the loss and gradients against F.linear + F.cross_entropy in fp32, compiled against eager, the
    kernel's bandwidth per launch configuration, and forward + backward time and peak memory against
    compiled F.linear + F.cross_entropy(logits.float()); and the fused q/k/v RoPE op's Triton kernel
-   against its torch path, with its bandwidth each way (--loss: these two checks alone).
+   against its torch path, with its bandwidth each way (--loss: these two checks alone);
+7. --trainer TEXT_FILE, alone: each model's trainer.py as a user runs it (tiny preset, compiled,
+   bf16, evaluation, samples and checkpoints), with CUDA graphs and without.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -366,6 +375,48 @@ def check_linear_cross_entropy(args) -> None:
     report("kernel, default launch configuration", f"{ms:.3f} ms  {gb / ms:.2f} TB/s")
 
 
+def run_trainer(model: str, text: str, workdir: Path, run_name: str, *flags: str) -> tuple[list[dict], str]:
+    """One 60-step run of a model's tiny preset through its trainer.py, as a user runs it, with an
+    evaluation every 20 steps and a sample and a checkpoint every 30: (metrics records, stdout)."""
+    repo = Path(__file__).resolve().parent.parent
+    out = workdir / run_name
+    env = {**os.environ, "PYTHONPATH": str(repo), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "trainer.py", "--preset", "tiny", "--dataset", text,
+                           "--data_dir", str(workdir / f"data-{model}"), "--out_dir", str(out), "--max_steps", "60",
+                           "--eval_interval", "20", "--save_interval", "30", "--sample_interval", "30",
+                           "--log_interval", "10", *flags], cwd=repo / model, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stdout
+
+
+def check_trainer(args) -> None:
+    """Each model's trainer on CUDA (compiled, bf16, tiny preset on a local text file), with CUDA graphs
+    (the default at one micro-batch per step) and without: both runs must finish with their samples and
+    checkpoints, their losses agree to bf16 rounding, and tokens/s of the last window shows what the
+    graphs buy where launching kernels is the bottleneck."""
+    from smolhub.modeling import ARCHITECTURES
+
+    print("trainer, tiny presets")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in ARCHITECTURES:
+            runs = {}
+            for graphs in ("true", "false"):
+                label = f"{model}, cuda_graphs {graphs}"
+                try:
+                    records, stdout = run_trainer(model, args.trainer, Path(tmp), f"{model}-graphs-{graphs}",
+                                                  "--compile", "true", "--cuda_graphs", graphs)
+                except RuntimeError as e:
+                    report(f"{label}: FAILED", str(e)[:200])
+                    continue
+                runs[graphs] = records
+                report(f"{label}: samples, final val loss, tok/s (steps 51-60)",
+                       f"{stdout.count(' sample: ')}, {records[-1]['val_loss']:.4f}, {records[-1]['tok_per_s']:,.0f}")
+            if len(runs) == 2:
+                diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(runs["true"], runs["false"]) if "loss" in a)
+                report(f"{model}: largest logged loss difference, graphs on vs off", f"{diff:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384)
@@ -384,6 +435,8 @@ def main() -> None:
     parser.add_argument("--loss_tokens", type=int, default=32768)
     parser.add_argument("--loss_dim", type=int, default=768)
     parser.add_argument("--loss_vocab", type=int, default=50304)
+    parser.add_argument("--trainer", metavar="TEXT_FILE", default="",
+                        help="only run each model's trainer (tiny preset) on this text file, CUDA graphs on and off")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("check_gpu.py needs a CUDA GPU")
@@ -402,6 +455,10 @@ def main() -> None:
         check_rotary_qkv(args)
         check_linear_cross_entropy(args)
         return
+    if args.trainer:
+        check_trainer(args)
+        print_report()
+        return
     x = torch.randn(args.tokens, args.dim, device="cuda")
     g = torch.randn(args.tokens, args.dim, device="cuda")
     check_grouped_equals_loop(args, x, g)
@@ -413,6 +470,10 @@ def main() -> None:
     if args.models:
         check_decoding()
         check_models(args)
+    print_report()
+
+
+def print_report() -> None:
     width = max(len(n) for n, _ in ROWS)
     print("\n" + "-" * (width + 30))
     for name, value in ROWS:
