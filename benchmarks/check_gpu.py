@@ -457,7 +457,6 @@ def main() -> None:
         return
     if args.trainer:
         check_trainer(args)
-        print_report()
         return
     x = torch.randn(args.tokens, args.dim, device="cuda")
     g = torch.randn(args.tokens, args.dim, device="cuda")
@@ -470,10 +469,6 @@ def main() -> None:
     if args.models:
         check_decoding()
         check_models(args)
-    print_report()
-
-
-def print_report() -> None:
     width = max(len(n) for n, _ in ROWS)
     print("\n" + "-" * (width + 30))
     for name, value in ROWS:

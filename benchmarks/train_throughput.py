@@ -84,7 +84,7 @@ def time_training(model: torch.nn.Module, hf: bool, batch: int, seq_len: int, vo
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if not hf and hasattr(model, "after_optimizer_step"):  # StoryKimi's bias update and QK-clip, as the trainer
+        if hasattr(model, "after_optimizer_step"):  # ours: StoryKimi's bias update and QK-clip, as the trainer
             model.after_optimizer_step()
         return loss
 
