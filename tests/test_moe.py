@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from smolhub.layers import GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter, moe_aux_loss
-from smolhub.layers.moe import drop_over_capacity, router_z_loss, switch_balance_loss, top_k_indices
+from smolhub.layers.moe import (drop_over_capacity, inverse_permutation, permute_rows, router_z_loss,
+                               switch_balance_loss, top_k_indices)
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +76,22 @@ def test_grouped_mm_equals_loop_forward_and_backward(dtype, used):
     unused = [e for e in range(6) if e not in used]
     for grad in results[0][3:]:
         assert grad[unused].abs().sum() == 0 and grad[used].abs().sum() > 0
+
+
+def test_permute_rows_gradient_is_indexings():
+    """permute_rows differentiates by gathering with the inverse permutation; the result equals
+    plain indexing's scatter-add backward exactly, eager and traced (no graph break)."""
+    g = torch.Generator().manual_seed(4)
+    perm = torch.randperm(50, generator=g)
+    inverse = inverse_permutation(perm)
+    assert torch.equal(inverse, perm.argsort())
+    x = torch.randn(50, 7, generator=g, requires_grad=True)
+    upstream = torch.randn(50, 7, generator=g)
+    expected = torch.autograd.grad((x[perm] * upstream).sum(), x)[0]
+    for fn in (permute_rows, torch.compile(permute_rows, fullgraph=True, backend="aot_eager")):
+        y = fn(x, perm, inverse)
+        assert torch.equal(y, x[perm])
+        assert torch.equal(torch.autograd.grad((y * upstream).sum(), x)[0], expected)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 5, 64, 65])

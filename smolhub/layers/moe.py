@@ -48,6 +48,36 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (rank.unsqueeze(-1) == torch.arange(k, device=scores.device)).int().argmax(dim=-2)
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inverse[perm[i]] = i: a scatter, where perm.argsort() would sort again."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inverse
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation perm, differentiated as a gather by its inverse.
+
+    Indexing's own backward scatter-adds into a zeroed buffer (atomics, in bf16 under autocast),
+    since it cannot know that the rows are distinct; a permutation's gradient is just the gradient
+    permuted back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[perm], given perm's inverse permutation (rows of x, perm a permutation of range(len(x)))."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: expert e is down_e(silu(x W_gate,e) * x W_up,e).
 
@@ -88,16 +118,18 @@ class GroupedExperts(nn.Module):
         N, k = expert_idx.shape
         dtype = _autocast_dtype(x)
         flat = expert_idx.reshape(-1)
-        order = flat.argsort(stable=True)  # the N*k assignments, grouped by expert
-        # offsets[e] = end of expert e's rows = number of assignments to experts <= e (int32 for the kernel);
-        # an expert without tokens gets an empty group
-        boundaries = torch.arange(self.n_experts, device=x.device, dtype=flat.dtype)
-        offsets = torch.searchsorted(flat[order], boundaries, right=True, out_int32=True)
-        rows = x[order // k].to(dtype)
+        # the N*k assignments grouped by expert, by a stable sort on the narrowest key that holds an
+        # expert index: the radix sort makes one pass per key byte (eight for int64)
+        order = flat.to(torch.uint8 if self.n_experts <= 256 else torch.int32).argsort(stable=True)
+        position = inverse_permutation(order)  # where each assignment sits in `order`
+        # offsets[e] = end of expert e's rows = number of assignments to experts <= e (int32 for the
+        # kernel); an expert without tokens gets an empty group
+        experts = torch.arange(self.n_experts, device=x.device)
+        offsets = (flat[:, None] == experts).sum(dim=0).cumsum(dim=0).to(torch.int32)
+        rows = permute_rows(x.to(dtype).repeat_interleave(k, dim=0), order, position)
         h = _grouped_mm(rows, self.gate_up.to(dtype), offs=offsets)
         out = _grouped_mm(self._swiglu(h), self.down.to(dtype), offs=offsets)
-        # back to (token, slot) order by gathering with the inverse permutation: no atomics, deterministic
-        out = out[order.argsort()].view(N, k, self.dim)
+        out = permute_rows(out, position, order).view(N, k, self.dim)  # back to (token, slot) order
         return (out * weights.to(dtype).unsqueeze(-1)).sum(dim=1)
 
     def _dense(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
