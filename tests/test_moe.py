@@ -169,6 +169,14 @@ def test_noisy_router_adds_noise_in_training_only():
     # the noise scale is learned: the balancing loss reaches W_noise through the noisy probabilities
     c[2]["balance"].backward()
     assert noisy.noise.weight.grad.abs().sum() > 0
+    # the fused gate + noise matmul computes Shazeer's formula with the two projections apart
+    torch.manual_seed(5)
+    clean_logits, routing = noisy.logits(x)
+    torch.manual_seed(5)
+    expected = x @ noisy.gate.weight.t()
+    expected = expected + torch.randn_like(expected) * F.softplus(x @ noisy.noise.weight.t())
+    torch.testing.assert_close(clean_logits, x @ noisy.gate.weight.t())
+    torch.testing.assert_close(routing, expected)
 
 
 def hand_made_router():
