@@ -381,12 +381,14 @@ def run_trainer(model: str, text: str, workdir: Path, run_name: str, *flags: str
     repo = Path(__file__).resolve().parent.parent
     out = workdir / run_name
     env = {**os.environ, "PYTHONPATH": str(repo), "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "trainer.py", "--preset", "tiny", "--dataset", text,
+    # the trainer runs inside the model's folder: a path relative to the caller's folder must not reach it
+    proc = subprocess.run([sys.executable, "trainer.py", "--preset", "tiny", "--dataset", str(Path(text).resolve()),
                            "--data_dir", str(workdir / f"data-{model}"), "--out_dir", str(out), "--max_steps", "60",
                            "--eval_interval", "20", "--save_interval", "30", "--sample_interval", "30",
                            "--log_interval", "10", *flags], cwd=repo / model, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode != 0:  # the trainer's one error line, which may share a line with tqdm's bar
+        lines = proc.stderr.replace("\r", "\n").strip().splitlines()
+        raise RuntimeError(next((line for line in reversed(lines) if "error" in line.lower()), lines[-1]))
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stdout
 
 
