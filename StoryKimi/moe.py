@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smolhub.layers import GroupedExperts, SwiGLU, top_k_indices
+from smolhub.layers import GroupedExperts, SwiGLU, expert_counts, top_k_indices
 from StoryKimi.config import StoryKimiConfig
 
 
@@ -75,7 +75,7 @@ class DeepSeekMoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(flat)
         if self.training:
-            load = F.one_hot(expert_idx, self.router.n_experts).sum(dim=(0, 1))
+            load = expert_counts(expert_idx, self.router.n_experts)
             self.pending_load = load if self.pending_load is None else self.pending_load + load
             if self.with_seq_loss:
                 self.seq_loss = sequence_balance_loss(scores, expert_idx, B)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from smolhub.layers import GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter, moe_aux_loss
-from smolhub.layers.moe import (drop_over_capacity, inverse_permutation, permute_rows, router_z_loss,
+from smolhub.layers.moe import (drop_over_capacity, expert_counts, inverse_permutation, permute_rows, router_z_loss,
                                switch_balance_loss, top_k_indices)
 
 
@@ -76,6 +76,11 @@ def test_grouped_mm_equals_loop_forward_and_backward(dtype, used):
     unused = [e for e in range(6) if e not in used]
     for grad in results[0][3:]:
         assert grad[unused].abs().sum() == 0 and grad[used].abs().sum() > 0
+
+
+def test_expert_counts_equal_bincount_with_idle_experts():
+    idx, _ = routing(40, 7, 3, [0, 2, 3, 6], seed=9)
+    assert torch.equal(expert_counts(idx, 7), torch.bincount(idx.reshape(-1), minlength=7))
 
 
 def test_permute_rows_gradient_is_indexings():

@@ -6,6 +6,7 @@ from smolhub.layers.moe import (
     MoEFeedForward,
     NoisyTopKRouter,
     SoftmaxTopKRouter,
+    expert_counts,
     inactive_expert_params,
     moe_aux_loss,
     moe_metrics,
@@ -24,5 +25,5 @@ __all__ = [
     "SlidingWindowKVCache",
     "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEmbedding", "apply_rotary",
     "GroupedExperts", "MoEFeedForward", "NoisyTopKRouter", "SoftmaxTopKRouter", "moe_aux_loss", "moe_metrics",
-    "inactive_expert_params", "top_k_indices",
+    "expert_counts", "inactive_expert_params", "top_k_indices",
 ]

@@ -48,6 +48,12 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (rank.unsqueeze(-1) == torch.arange(k, device=scores.device)).int().argmax(dim=-2)
 
 
+def expert_counts(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many assignments in expert_idx (..., k) went to each of the n_experts experts: (n_experts,) int64."""
+    experts = torch.arange(n_experts, device=expert_idx.device)
+    return (expert_idx.reshape(-1, 1) == experts).sum(dim=0)
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """inverse[perm[i]] = i: a scatter, where perm.argsort() would sort again."""
     inverse = torch.empty_like(perm)
@@ -124,8 +130,7 @@ class GroupedExperts(nn.Module):
         position = inverse_permutation(order)  # where each assignment sits in `order`
         # offsets[e] = end of expert e's rows = number of assignments to experts <= e (int32 for the
         # kernel); an expert without tokens gets an empty group
-        experts = torch.arange(self.n_experts, device=x.device)
-        offsets = (flat[:, None] == experts).sum(dim=0).cumsum(dim=0).to(torch.int32)
+        offsets = expert_counts(expert_idx, self.n_experts).cumsum(dim=0).to(torch.int32)
         rows = permute_rows(x.to(dtype).repeat_interleave(k, dim=0), order, position)
         h = _grouped_mm(rows, self.gate_up.to(dtype), offs=offsets)
         out = _grouped_mm(self._swiglu(h), self.down.to(dtype), offs=offsets)
@@ -199,8 +204,7 @@ class SoftmaxTopKRouter(nn.Module):
         expert_idx = top_k_indices(probs, self.top_k)
         weights = probs.gather(-1, expert_idx)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        experts = torch.arange(self.n_experts, device=x.device)
-        counts = (expert_idx.reshape(-1, 1) == experts).sum(dim=0)
+        counts = expert_counts(expert_idx, self.n_experts)
         aux = {"balance": switch_balance_loss(probs, counts), "z": router_z_loss(clean), "counts": counts.detach()}
         return expert_idx, weights, aux
 
