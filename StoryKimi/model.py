@@ -110,6 +110,6 @@ class StoryKimi(CausalLM):
     def flops_per_token(self, seq_len: int) -> float:
         """6 x active weights + attention scores, whose width is the heads' q/k and v dims, not n_embd."""
         cfg = self.config
-        n = self.num_active_params() - (0 if cfg.tie_embeddings else self.tok_emb.weight.numel())
+        n = self.num_active_params() - self.lookup_params()
         qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
         return 6 * n + 6 * cfg.n_layer * seq_len * cfg.n_head * (qk + v)

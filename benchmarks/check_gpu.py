@@ -22,7 +22,8 @@ sliding-window layers, and CUDA-graph decoding.
    compiled F.linear + F.cross_entropy(logits.float()); and the fused q/k/v RoPE op's Triton kernel
    against its torch path, with its bandwidth each way (--loss: these two checks alone);
 7. --trainer TEXT_FILE, alone: each model's trainer.py as a user runs it (tiny preset, compiled,
-   bf16, evaluation, samples and checkpoints), with CUDA graphs and without.
+   bf16, evaluation, samples and checkpoints), with CUDA graphs and without (--trainer_models
+   picks some of the five).
 """
 from __future__ import annotations
 
@@ -401,7 +402,7 @@ def check_trainer(args) -> None:
 
     print("trainer, tiny presets")
     with tempfile.TemporaryDirectory() as tmp:
-        for model in ARCHITECTURES:
+        for model in args.trainer_models or ARCHITECTURES:
             runs = {}
             for graphs in ("true", "false"):
                 label = f"{model}, cuda_graphs {graphs}"
@@ -439,6 +440,8 @@ def main() -> None:
     parser.add_argument("--loss_vocab", type=int, default=50304)
     parser.add_argument("--trainer", metavar="TEXT_FILE", default="",
                         help="only run each model's trainer (tiny preset) on this text file, CUDA graphs on and off")
+    parser.add_argument("--trainer_models", nargs="+", default=[], metavar="MODEL",
+                        help="with --trainer: only these models (default: all five)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("check_gpu.py needs a CUDA GPU")

@@ -59,7 +59,18 @@ def kernel_profile(step, steps: int) -> dict:
         category = kernel_category(name)
         categories[category] = categories.get(category, 0.0) + ms
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[:25]
-    return {"cuda_ms_per_step": sum(per_step.values()),
+    # The steps run back to back, as in the pipelined measurement: time between the first kernel's
+    # start and the last one's end in which no kernel runs is the GPU left idle (launch gaps, waits
+    # on the CPU), the part of a step that faster kernels cannot win back.
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    busy, covered_to = 0.0, spans[0][0]
+    for start, end in spans:
+        busy += max(0.0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    window = covered_to - spans[0][0]
+    return {"cuda_ms_per_step": sum(per_step.values()), "gpu_idle_ms_per_step": (window - busy) / steps / 1e3,
+            "kernels_per_step": len(spans) / steps,
             "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": [[name[:160], ms] for name, ms in top]}
 
@@ -187,7 +198,8 @@ def print_profiles(results: list[dict]) -> None:
             prof = r.get(side, {}).get("profile")
             if prof:
                 cats = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories_ms"].items())
-                print(f"{r['model']} {side}: {prof['cuda_ms_per_step']:.1f} ms CUDA/step = {cats}")
+                print(f"{r['model']} {side}: {prof['cuda_ms_per_step']:.1f} ms CUDA/step = {cats}; GPU idle "
+                      f"{prof['gpu_idle_ms_per_step']:.1f} ms/step between {prof['kernels_per_step']:.0f} kernels")
                 for name, ms in prof["top_kernels_ms"][:12]:
                     print(f"    {ms:6.2f} ms  {name[:110]}")
 

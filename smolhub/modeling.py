@@ -126,13 +126,14 @@ class CausalLM(nn.Module):
         """Parameters used per token; equal to num_params for dense models."""
         return self.num_params()
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x active weights + attention scores (PaLM appendix B / nanoGPT).
+    def lookup_params(self) -> int:
+        """Parameters that are only looked up, never multiplied: position tables, and the token table
+        unless it is also the output head. A lookup costs no FLOPs, so MFU leaves them out, as
+        nanoGPT's estimate leaves out its position table."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding)
+                   and not (m is self.tok_emb and self.config.tie_embeddings))
 
-        The embedding lookup costs no FLOPs but the tied head does, so embeddings stay in the count
-        only when they are the head; with untied weights the input table is excluded."""
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x active weights + attention scores (PaLM appendix B / nanoGPT)."""
         cfg = self.config
-        n = self.num_active_params()
-        if not cfg.tie_embeddings:
-            n -= self.tok_emb.weight.numel()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * (self.num_active_params() - self.lookup_params()) + 12 * cfg.n_layer * cfg.n_embd * seq_len

@@ -29,6 +29,18 @@ def test_default_parameter_count_matches_models_md():
     assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.block_size, cfg.ffn_hidden) == (768, 16, 12, 1024, 3072)
 
 
+def test_flops_per_token_is_nanogpts_estimate_at_the_gpt2_shape():
+    """nanoGPT's estimate_mfu: 6 x parameters without the position table (a lookup) + 12 L C T.
+    Counted here by hand: per block q/k/v and output projections (4 C^2), the MLP (8 C^2) and two
+    norm weights; then the tied head (V C) and the final norm."""
+    V, C, L, T = 50304, 768, 12, 1024
+    with torch.device("meta"):
+        model = SmolTransformer(SmolTransformerConfig(vocab_size=V, n_layer=L))
+    multiplied = L * (4 * C * C + 8 * C * C + 2 * C) + V * C + C
+    assert model.flops_per_token(T) == 6 * multiplied + 12 * L * C * T
+    assert model.num_params() - multiplied == T * C  # only the position table is left out
+
+
 def test_classic_gpt_layout():
     model = SmolTransformer(tiny_config())
     assert model.lm_head.weight is model.tok_emb.weight
