@@ -5,10 +5,11 @@ Both sides: bf16 autocast over fp32 weights, fused AdamW, torch.compile, the sam
 micro-batch per step on one GPU (--cuda_graphs auto: mode 'reduce-overhead'), the baselines with
 --compile_mode. Reports the median step time over --steps timed steps after --warmup steps, each
 step synchronized (the GPU idles while the CPU launches the next step's first kernels), tokens/s,
-MFU (PaLM/nanoGPT estimate: 6 x params + 12 x layers x d_model x T FLOPs per token, over
---peak_tflops) and peak memory; then the mean step over --steps more without synchronizing between
-steps ("pipelined", as the trainer runs between log lines). The ratio ours/baseline is the figure
-that counts. --profile N then profiles N more steps of each side and prints where the CUDA time goes.
+MFU (PaLM/nanoGPT estimate: 6 x params + 12 x layers x d_model x T FLOPs per token, the params
+without lookup-only tables such as learned positions, over --peak_tflops) and peak memory; then the
+mean step over --steps more without synchronizing between steps ("pipelined", as the trainer runs
+between log lines). The ratio ours/baseline is the figure that counts. --profile N then profiles N
+more steps of each side and prints where the CUDA time goes, and how long the GPU sat idle.
 
     python -m benchmarks.train_throughput --models StoryLlama --json out.json
 """
@@ -43,6 +44,16 @@ def kernel_category(name: str) -> str:
     return next((cat for cat, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.I)), "other")
 
 
+def idle_time(spans: list[tuple[float, float]]) -> float:
+    """Time between the first start and the last end of these (start, end) intervals that none covers."""
+    spans = sorted(spans)
+    idle, covered_to = 0.0, spans[0][0]
+    for start, end in spans:
+        idle += max(0.0, start - covered_to)
+        covered_to = max(covered_to, end)
+    return idle
+
+
 def kernel_profile(step, steps: int) -> dict:
     """CUDA kernel time per step over `steps` steps, summed by KERNEL_CATEGORIES, plus the top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -62,14 +73,9 @@ def kernel_profile(step, steps: int) -> dict:
     # The steps run back to back, as in the pipelined measurement: time between the first kernel's
     # start and the last one's end in which no kernel runs is the GPU left idle (launch gaps, waits
     # on the CPU), the part of a step that faster kernels cannot win back.
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
-    busy, covered_to = 0.0, spans[0][0]
-    for start, end in spans:
-        busy += max(0.0, end - max(start, covered_to))
-        covered_to = max(covered_to, end)
-    window = covered_to - spans[0][0]
-    return {"cuda_ms_per_step": sum(per_step.values()), "gpu_idle_ms_per_step": (window - busy) / steps / 1e3,
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
+    return {"cuda_ms_per_step": sum(per_step.values()), "gpu_idle_ms_per_step": idle_time(spans) / steps / 1e3,
             "kernels_per_step": len(spans) / steps,
             "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": [[name[:160], ms] for name, ms in top]}

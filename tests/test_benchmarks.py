@@ -135,6 +135,15 @@ def test_profile_sorts_kernels_by_what_they_compute(kernel, category):
     assert kernel_category(kernel) == category
 
 
+def test_idle_time_counts_only_what_no_kernel_covers():
+    from benchmarks.train_throughput import idle_time
+
+    # a kernel inside another, two overlapping, then gaps of 2 and 5 (order of arrival must not matter)
+    spans = [(20.0, 30.0), (0.0, 10.0), (2.0, 4.0), (8.0, 18.0), (35.0, 36.0)]
+    assert idle_time(spans) == 2.0 + 5.0
+    assert idle_time([(0.0, 1.0)]) == 0.0
+
+
 def test_loss_memory_benchmark_shows_the_fused_loss_holds_less():
     from benchmarks import loss_memory
 
