@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from smolhub.layers import CausalSelfAttention, GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter
 from smolhub.layers.attention import attend
 from smolhub.layers.moe import grouped_mm_supported
+from smolhub.modeling import ARCHITECTURES, model_class
 
 ROWS: list[tuple[str, str]] = []
 
@@ -244,7 +245,6 @@ def check_decoding():
     may route differently between two bf16 paths: the argmax agreement is reported next to the
     relative error."""
     from smolhub.generate import GraphDecoder
-    from smolhub.modeling import ARCHITECTURES, model_class
 
     def compare(a, b):
         agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
@@ -398,8 +398,6 @@ def check_trainer(args) -> None:
     (the default at one micro-batch per step) and without: both runs must finish with their samples and
     checkpoints, their losses agree to bf16 rounding, and tokens/s of the last window shows what the
     graphs buy where launching kernels is the bottleneck."""
-    from smolhub.modeling import ARCHITECTURES
-
     print("trainer, tiny presets")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.trainer_models or ARCHITECTURES:
@@ -440,9 +438,11 @@ def main() -> None:
     parser.add_argument("--loss_vocab", type=int, default=50304)
     parser.add_argument("--trainer", metavar="TEXT_FILE", default="",
                         help="only run each model's trainer (tiny preset) on this text file, CUDA graphs on and off")
-    parser.add_argument("--trainer_models", nargs="+", default=[], metavar="MODEL",
+    parser.add_argument("--trainer_models", nargs="+", default=[], choices=ARCHITECTURES, metavar="MODEL",
                         help="with --trainer: only these models (default: all five)")
     args = parser.parse_args()
+    if args.trainer_models and not args.trainer:
+        parser.error("--trainer_models picks the models of --trainer TEXT_FILE; give that too")
     if not torch.cuda.is_available():
         raise SystemExit("check_gpu.py needs a CUDA GPU")
 

@@ -28,6 +28,16 @@ def hf_llama_like(cfg) -> torch.nn.Module:
         tie_word_embeddings=True, attn_implementation="sdpa"))
 
 
+def nanogpt_like(nanogpt_dir: str, block_size: int, vocab_size: int) -> torch.nn.Module:
+    """karpathy/nanoGPT's GPT as it ships (bias=True), loaded from a checkout's model.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", f"{nanogpt_dir}/model.py")
+    nano = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nano)
+    return nano.GPT(nano.GPTConfig(block_size=block_size, vocab_size=vocab_size))
+
+
 def hf_gpt2_like(cfg) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

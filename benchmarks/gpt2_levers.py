@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 
 import torch
 
-from benchmarks.common import free, pairs
-from benchmarks.train_throughput import time_training
+from benchmarks.common import free, nanogpt_like, pairs
+from benchmarks.train_throughput import profile_summary, time_training
 
 N_TOKENS, WIDTH, VOCAB, LAYERS, SEQ_LEN = 32768, 768, 50304, 12, 1024
 VARIANTS = ("ours", "ours flash attention", "ours max-autotune-gemm", "nanoGPT")
@@ -66,10 +65,7 @@ def time_matmuls() -> dict:
 def build(variant: str, nanogpt_dir: str) -> tuple[torch.nn.Module, str]:
     """(model, torch.compile mode): ours as the trainer compiles it, nanoGPT as train_throughput does."""
     if variant == "nanoGPT":
-        spec = importlib.util.spec_from_file_location("nanogpt_model", f"{nanogpt_dir}/model.py")
-        nano = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(nano)
-        return nano.GPT(nano.GPTConfig(block_size=SEQ_LEN, vocab_size=VOCAB)), "default"
+        return nanogpt_like(nanogpt_dir, SEQ_LEN, VOCAB), "default"
     return pairs()["SmolTransformer-124M"].build_ours(), "reduce-overhead"
 
 
@@ -114,11 +110,8 @@ def main() -> None:
         ratio = f"{r['tok_per_s'] / nano['tok_per_s']:.3f}x" if nano else "-"
         print(f"{r['variant']:<24}{r['tok_per_s']:>10,.0f}{r['mfu']:>7.1%}{r['pipelined_tok_per_s']:>11,.0f}"
               f"{r['peak_gib']:>6.1f}{r['warmup_s']:>10.0f}{ratio:>12}")
-        prof = r.get("profile")
-        if prof:
-            cats = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories_ms"].items())
-            print(f"    {prof['cuda_ms_per_step']:.1f} ms of kernels/step ({cats}); GPU idle "
-                  f"{prof['gpu_idle_ms_per_step']:.2f} ms/step between {prof['kernels_per_step']:.0f} kernels")
+        if r.get("profile"):
+            print(f"    {profile_summary(r['profile'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks.common import free, pairs
+from benchmarks.common import free, nanogpt_like, pairs
 
 
 # Kernel-name patterns for --profile, tried in order: the first that matches a kernel takes it.
@@ -164,13 +164,7 @@ def measure_pair(name: str, args) -> dict:
         row["pipelined_ratio"] = row["ours"]["pipelined_tok_per_s"] / row["baseline"]["pipelined_tok_per_s"]
         free()
     if args.nanogpt_dir and name == "SmolTransformer-124M":
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("nanogpt_model", f"{args.nanogpt_dir}/model.py")
-        nano = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(nano)
-        row["nanogpt"] = measure(nano.GPT(nano.GPTConfig(block_size=pair.seq_len, vocab_size=cfg.vocab_size)),
-                                 False, args.compile_mode)
+        row["nanogpt"] = measure(nanogpt_like(args.nanogpt_dir, pair.seq_len, cfg.vocab_size), False, args.compile_mode)
         row["ratio_vs_nanogpt"] = row["ours"]["tok_per_s"] / row["nanogpt"]["tok_per_s"]
         row["pipelined_ratio_vs_nanogpt"] = (row["ours"]["pipelined_tok_per_s"]
                                              / row["nanogpt"]["pipelined_tok_per_s"])
@@ -198,14 +192,19 @@ def print_table(results: list[dict]) -> None:
                                          r["pipelined_ratio_vs_nanogpt"]))
 
 
+def profile_summary(prof: dict) -> str:
+    """One line of a kernel_profile: CUDA time per step by category, then the GPU's idle time."""
+    cats = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories_ms"].items())
+    return (f"{prof['cuda_ms_per_step']:.1f} ms CUDA/step = {cats}; GPU idle {prof['gpu_idle_ms_per_step']:.2f} "
+            f"ms/step between {prof['kernels_per_step']:.0f} kernels")
+
+
 def print_profiles(results: list[dict]) -> None:
     for r in results:
         for side in ("ours", "baseline", "nanogpt"):
             prof = r.get(side, {}).get("profile")
             if prof:
-                cats = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories_ms"].items())
-                print(f"{r['model']} {side}: {prof['cuda_ms_per_step']:.1f} ms CUDA/step = {cats}; GPU idle "
-                      f"{prof['gpu_idle_ms_per_step']:.1f} ms/step between {prof['kernels_per_step']:.0f} kernels")
+                print(f"{r['model']} {side}: {profile_summary(prof)}")
                 for name, ms in prof["top_kernels_ms"][:12]:
                     print(f"    {ms:6.2f} ms  {name[:110]}")
 
