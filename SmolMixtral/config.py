@@ -1,4 +1,4 @@
-"""SmolMixtral's configuration: the defaults of MODELS.md (~125M parameters, ~50M active) and presets."""
+"""SmolMixtral's configuration: the defaults of docs/MODELS.md (~125M parameters, ~50M active) and presets."""
 from dataclasses import dataclass
 
 from smolhub.config import MoEConfig, check_rope, option
@@ -18,6 +18,9 @@ class SmolMixtralConfig(MoEConfig):
         super().__post_init__()
         check_rope(self)
 
+
+# What the trainer uses unless told otherwise; presets, --config and flags override it.
+TRAIN_DEFAULTS = dict(dataset="tinystories", tokenizer="bpe")
 
 # Presets set model and training fields together; flags given on the command line win.
 PRESETS = {

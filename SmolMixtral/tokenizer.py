@@ -3,9 +3,8 @@
 The trainer trains it on the first run (`--bpe_vocab_size` sets the size; the `tiny` preset uses
 512) and caches it in `--data_dir`; checkpoints carry it, and `load_tokenizer(checkpoint_folder)`
 reads it back. `--tokenizer gpt2` or a tokenizer folder replace it.
+The trainer's default is TRAIN_DEFAULTS["tokenizer"] = "bpe" in config.py.
 """
 from smolhub.tokenizer import load_tokenizer, train_bpe
 
-DEFAULT_TOKENIZER = "bpe"
-
-__all__ = ["DEFAULT_TOKENIZER", "load_tokenizer", "train_bpe"]
+__all__ = ["load_tokenizer", "train_bpe"]

@@ -1,18 +1,16 @@
 """Train SmolMixtral: `python trainer.py [--preset tiny] [--flags]`, or under torchrun for DDP.
 
 Every field of SmolMixtralConfig and TrainConfig is a flag; `python trainer.py --help` lists them.
+Its defaults (dataset, tokenizer, ...) are TRAIN_DEFAULTS and PRESETS in config.py.
 The balancing losses join the training loss; metrics.jsonl logs them and the expert load.
 """
 from smolhub.cli import run_main
 from smolhub.train import main as train_main
-from SmolMixtral.config import PRESETS
 from SmolMixtral.model import SmolMixtral
-from SmolMixtral.tokenizer import DEFAULT_TOKENIZER
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train_main(SmolMixtral, PRESETS, DEFAULT_TOKENIZER, argv,
-                      defaults={"dataset": "tinystories", "tokenizer": DEFAULT_TOKENIZER})
+    return train_main(SmolMixtral, argv)
 
 
 if __name__ == "__main__":

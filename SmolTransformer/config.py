@@ -1,5 +1,6 @@
-"""SmolTransformer's configuration: the defaults of MODELS.md (~153M parameters) and the presets."""
+"""SmolTransformer's configuration: the defaults of docs/MODELS.md (~153M parameters) and the presets."""
 from dataclasses import dataclass
+from typing import Literal
 
 from smolhub.config import ModelConfig, option
 from smolhub.errors import UserError
@@ -7,8 +8,11 @@ from smolhub.errors import UserError
 
 @dataclass
 class SmolTransformerConfig(ModelConfig):
-    block_size: int = option(1024, "Context length in tokens; also the number of learned positions, so "
-                             "longer inputs are refused (generation crops the prompt to fit).")
+    block_size: int = option(1024, "Context length in tokens; also the number of positions, so longer inputs "
+                             "are refused (generation crops the prompt to fit).")
+    positions: Literal["learned", "sinusoidal"] = option(
+        "learned", "Absolute positions added to the token embeddings: learned (GPT-2: a trained table of "
+        "block_size rows) or sinusoidal (the fixed sin/cos of Vaswani et al., 2017: no parameters).")
     n_layer: int = option(16, "Number of transformer blocks.")
     n_embd: int = option(768, "Model width (d_model).")
     n_head: int = option(12, "Attention heads (multi-head: every head has its own keys and values).")
@@ -18,7 +22,12 @@ class SmolTransformerConfig(ModelConfig):
         super().__post_init__()
         if self.ffn_hidden <= 0:
             raise UserError(f"--ffn_hidden must be positive, got {self.ffn_hidden}")
+        if self.positions not in ("learned", "sinusoidal"):
+            raise UserError(f"--positions must be learned or sinusoidal, got {self.positions!r}")
 
+
+# What the trainer uses unless told otherwise; presets, --config and flags override it.
+TRAIN_DEFAULTS = dict(dataset="fineweb-edu", tokenizer="gpt2")
 
 # Presets set model and training fields together; flags given on the command line win.
 PRESETS = {

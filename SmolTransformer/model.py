@@ -1,18 +1,20 @@
 """SmolTransformer: the classic GPT decoder (Radford et al., 2019) with RMSNorm.
 
-Token and learned absolute position embeddings are added, then each block is pre-norm:
+Token and absolute position embeddings are added (learned, as in GPT-2, or the fixed sinusoids of
+the original Transformer: config.positions), then each block is pre-norm:
 x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x)), with multi-head attention (every head its
 own keys and values, no rotary positions) and a GELU MLP four times as wide as the model. A final
 RMSNorm precedes the output head, which shares the token embedding. No biases anywhere.
 
-The positions are a learned table of block_size rows, so the model has no notion of a position
+Either way the positions are a table of block_size rows, so the model has no notion of a position
 beyond it: a longer input raises an error, and generation crops the prompt from the left so that
 prompt + new tokens fit.
 """
 import torch
 import torch.nn as nn
 
-from smolhub.layers import CausalSelfAttention, GeluMLP, KVCache, LearnedPositionalEmbedding, RMSNorm
+from smolhub.layers import (CausalSelfAttention, GeluMLP, KVCache, LearnedPositionalEmbedding, RMSNorm,
+                            SinusoidalPositionalEmbedding)
 from smolhub.modeling import CausalLM
 from SmolTransformer.config import SmolTransformerConfig
 
@@ -37,7 +39,8 @@ class SmolTransformer(CausalLM):
     def __init__(self, config: SmolTransformerConfig):
         super().__init__(config)
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = LearnedPositionalEmbedding(config.block_size, config.n_embd)
+        positions = LearnedPositionalEmbedding if config.positions == "learned" else SinusoidalPositionalEmbedding
+        self.pos_emb = positions(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)

@@ -2,9 +2,8 @@
 
 The `tiny` preset trains a 512-token BPE on its corpus instead, so the offline quick start needs
 no download. Checkpoints carry their tokenizer; `load_tokenizer(checkpoint_folder)` reads it back.
+The trainer's default is TRAIN_DEFAULTS["tokenizer"] = "gpt2" in config.py.
 """
 from smolhub.tokenizer import gpt2_tokenizer, load_tokenizer
 
-DEFAULT_TOKENIZER = "gpt2"
-
-__all__ = ["DEFAULT_TOKENIZER", "gpt2_tokenizer", "load_tokenizer"]
+__all__ = ["gpt2_tokenizer", "load_tokenizer"]

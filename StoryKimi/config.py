@@ -1,4 +1,4 @@
-"""StoryKimi's configuration: the defaults of MODELS.md (~182M parameters, ~78M active) and the presets."""
+"""StoryKimi's configuration: the defaults of docs/MODELS.md (~182M parameters, ~78M active) and the presets."""
 from dataclasses import dataclass
 
 from smolhub.config import ModelConfig, option
@@ -50,6 +50,9 @@ class StoryKimiConfig(ModelConfig):
         if self.first_k_dense > self.n_layer:
             raise UserError(f"--first_k_dense {self.first_k_dense} exceeds --n_layer {self.n_layer}")
 
+
+# What the trainer uses unless told otherwise; presets, --config and flags override it.
+TRAIN_DEFAULTS = dict(dataset="tinystories", tokenizer="bpe", optimizer="muon")
 
 # Presets set model and training fields together; flags given on the command line win.
 PRESETS = {

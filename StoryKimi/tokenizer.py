@@ -3,9 +3,8 @@
 The trainer trains it on the first run over a dataset (`--bpe_vocab_size` changes the size) and
 caches it under --data_dir; the `tiny` preset trains a 512-token one. Checkpoints carry their
 tokenizer; `load_tokenizer(checkpoint_folder)` reads it back.
+The trainer's default is TRAIN_DEFAULTS["tokenizer"] = "bpe" in config.py.
 """
 from smolhub.tokenizer import load_tokenizer, train_bpe
 
-DEFAULT_TOKENIZER = "bpe"
-
-__all__ = ["DEFAULT_TOKENIZER", "load_tokenizer", "train_bpe"]
+__all__ = ["load_tokenizer", "train_bpe"]

@@ -1,4 +1,4 @@
-"""StoryLlama's configuration: the defaults of MODELS.md (~89M parameters) and the presets."""
+"""StoryLlama's configuration: the defaults of docs/MODELS.md (~89M parameters) and the presets."""
 from dataclasses import dataclass
 
 from smolhub.config import ModelConfig, check_kv_heads, check_rope, option
@@ -19,6 +19,9 @@ class StoryLlamaConfig(ModelConfig):
         check_kv_heads(self)
         check_rope(self)
 
+
+# What the trainer uses unless told otherwise; presets, --config and flags override it.
+TRAIN_DEFAULTS = dict(dataset="tinystories", tokenizer="gpt2")
 
 # Presets set model and training fields together; flags given on the command line win.
 PRESETS = {

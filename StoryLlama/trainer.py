@@ -1,16 +1,15 @@
 """Train StoryLlama: `python trainer.py [--preset tiny] [--flags]`, or under torchrun for DDP.
 
 Every field of StoryLlamaConfig and TrainConfig is a flag; `python trainer.py --help` lists them.
+Its defaults (dataset, tokenizer, ...) are TRAIN_DEFAULTS and PRESETS in config.py.
 """
 from smolhub.cli import run_main
 from smolhub.train import main as train_main
-from StoryLlama.config import PRESETS
 from StoryLlama.model import StoryLlama
-from StoryLlama.tokenizer import DEFAULT_TOKENIZER
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train_main(StoryLlama, PRESETS, DEFAULT_TOKENIZER, argv, defaults={"dataset": "tinystories"})
+    return train_main(StoryLlama, argv)
 
 
 if __name__ == "__main__":

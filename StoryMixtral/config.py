@@ -1,4 +1,4 @@
-"""StoryMixtral's configuration: the defaults of MODELS.md (~202M parameters, ~70M active) and presets."""
+"""StoryMixtral's configuration: the defaults of docs/MODELS.md (~202M parameters, ~70M active) and presets."""
 from dataclasses import dataclass
 
 from smolhub.config import MoEConfig, check_kv_heads, check_rope, option
@@ -25,6 +25,9 @@ class StoryMixtralConfig(MoEConfig):
         if self.sliding_window < 0:
             raise UserError(f"--sliding_window must be >= 0 (0 = full attention), got {self.sliding_window}")
 
+
+# What the trainer uses unless told otherwise; presets, --config and flags override it.
+TRAIN_DEFAULTS = dict(dataset="tinystories", tokenizer="bpe")
 
 # Presets set model and training fields together; flags given on the command line win. The tiny
 # window (32 of 128 positions) keeps the sliding window in play during the smoke runs.

@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks.common import free, pairs
-from smolhub.generate import SamplingConfig, generate_ids
+from smolhub.generate import Engine, SamplingConfig
 
 
 def timed(fn) -> float:
@@ -73,6 +73,7 @@ def main():
         pair = pairs()[name]
         torch.manual_seed(0)
         model = pair.build_ours().cuda().to(torch.bfloat16).eval()
+        engine, compiled = Engine(model), Engine(model, compile=True)  # load_model(path) / (path, compile=True)
         weights = torch.cuda.memory_allocated()
         hf = None
         if args.baselines:
@@ -89,12 +90,10 @@ def main():
             others = torch.cuda.memory_allocated() - weights  # the transformers twin, when loaded
             row = {"model": name, "batch": batch}
             if "default" in args.decoders:
-                row["ours"] = measure(lambda: list(generate_ids(model, prompt, cfg)), n, args.repeats)
+                row["ours"] = measure(lambda: list(engine.generate_ids(prompt, cfg)), n, args.repeats)
                 row["ours"]["peak_gib"] = (torch.cuda.max_memory_allocated() - others) / 2**30
             if "compiled" in args.decoders:
-                model.compile_decode = True  # as load_model(compile=True) sets it
-                row["ours_compiled"] = measure(lambda: list(generate_ids(model, prompt, cfg)), n, args.repeats)
-                model.compile_decode = False
+                row["ours_compiled"] = measure(lambda: list(compiled.generate_ids(prompt, cfg)), n, args.repeats)
             if hf is not None:
                 for impl in args.baselines:
                     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
@@ -104,7 +103,7 @@ def main():
                     row[f"hf_{impl}"] = measure(lambda: hf.generate(prompt, **kwargs), n, args.repeats)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del model, hf
+        del model, engine, compiled, hf
         free()
     print_table(rows)
     if args.json:

@@ -32,9 +32,11 @@ from smolhub.data.__main__ import parse_count
 from smolhub.data.sources import dataset_identity
 from smolhub.generate import SamplingConfig, generate_batch
 from smolhub.modeling import model_class
+from smolhub.objectives import NextTokenPrediction
 from smolhub.optim import adamw_param_groups, build_optimizer, build_scheduler
+from smolhub.runtime import Runtime
 from smolhub.tokenizer import build_tokenizer, gpt2_tokenizer
-from smolhub.train import Runtime, evaluate
+from smolhub.train import evaluate
 
 GPT2_MODELS = {"SmolTransformer", "StoryLlama"}
 SAMPLE_PROMPTS = ["It was a dark and stormy night, and", "The old man looked at the sea and said",
@@ -66,6 +68,12 @@ class HFSide(torch.nn.Module):
         return None, loss if aux is None else loss + self.aux_weight * aux
 
 
+def forward_loss(step_model, batch):
+    """The objective of the transformers twins, which have no aux_loss hook: their forward's loss."""
+    _, loss = step_model(*batch)
+    return loss, {"loss": loss.detach()}
+
+
 def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str, data, args, seq_len: int,
               batch: int, steps: int, seed: int, device: torch.device) -> dict:
     cfg = TrainConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, steps // 20), max_steps=steps,
@@ -84,6 +92,7 @@ def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str,
 
     def val_loader():
         return PackedLoader(data.val_shards, data.dtype, batch, seq_len, shuffle=False)
+    objective = NextTokenPrediction(model) if is_ours else forward_loss
     eval_every = max(1, steps // args.evals)
     curve, t_train = [], 0.0
     if device.type == "cuda":
@@ -108,7 +117,7 @@ def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str,
         if step > 2:  # the first steps compile
             t_train += time.perf_counter() - t0
         if step % eval_every == 0 or step == steps:
-            val = evaluate(fwd, val_loader, args.eval_batches, amp, runtime)
+            val = evaluate(fwd, objective, val_loader, args.eval_batches, amp, runtime)["val_loss"]
             curve.append({"step": step, "tokens": step * batch * seq_len, "train_loss": loss.item(), "val_loss": val})
             print(f"  {label:<34} step {step:>5}/{steps}  train {loss.item():.4f}  val {val:.4f}", flush=True)
     timed_tokens = (steps - 2) * batch * seq_len

@@ -22,10 +22,10 @@ from typing import Iterator, Sequence
 
 import gradio as gr
 
-from smolhub.cli import run_main
-from smolhub.config import option, parse_cli
+from smolhub.cli import Command, parse_cli, parse_command, run_main
+from smolhub.config import option
 from smolhub.errors import UserError
-from smolhub.generate import SamplingConfig, TextStream, stream_text
+from smolhub.generate import Engine, SamplingConfig, TextStream
 from smolhub.inference import load_model
 
 EXAMPLES = ("Once upon a time", "One day, a little girl named Lily found",
@@ -45,9 +45,9 @@ class Limits:
     max_new_tokens: int
 
 
-def token_limit(models: Sequence, requested: int) -> int:
+def token_limit(engines: Sequence[Engine], requested: int) -> int:
     """Prompt and continuation share the context, so at most block_size - 1 tokens can be new."""
-    return max(1, min([requested] + [m.config.block_size - 1 for m in models]))
+    return max(1, min([requested] + [e.model.config.block_size - 1 for e in engines]))
 
 
 def _real(name: str, value) -> float:
@@ -114,8 +114,8 @@ class Timed:
             self.seconds += time.perf_counter() - start
 
 
-def model_card(model) -> str:
-    meta = model.checkpoint.get("meta", {})
+def model_card(engine: Engine) -> str:
+    meta, model = engine.meta, engine.model
 
     def show(key: str, fmt: str = "{}") -> str:
         value = meta.get(key)
@@ -132,7 +132,7 @@ def model_card(model) -> str:
         f"**Validation loss** {show('val_loss', '{:.4f}')}  ",
         f"**Dataset** {show('dataset')}  ",
         f"**Context** {model.config.block_size} tokens, running on {device}  ",
-        f"**Checkpoint** `{model.checkpoint_path}`",
+        f"**Checkpoint** `{engine.path}`",
     ])
 
 
@@ -152,16 +152,16 @@ def _sampling_controls(max_new_tokens: int) -> list[gr.components.Component]:
     return [tokens, temperature, top_k, top_p, penalty, seed]
 
 
-def build_app(model, title: str, max_prompt_chars: int = 2000, max_new_tokens_limit: int = 512,
+def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_tokens_limit: int = 512,
               examples: Sequence[str] = EXAMPLES) -> gr.Blocks:
     """The demo of one loaded model (from `load_model`): streamed generation, a model card, `/generate`."""
-    limits = Limits(max_prompt_chars, token_limit([model], max_new_tokens_limit))
+    limits = Limits(max_prompt_chars, token_limit([engine], max_new_tokens_limit))
 
     def stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
-            pieces = Timed(stream_text(model, model.tokenizer, prompt, cfg))
+            pieces = Timed(engine.stream(prompt, cfg))
             text, status = prompt, "Generating..."
             for piece in pieces:
                 text += piece
@@ -196,7 +196,7 @@ def build_app(model, title: str, max_prompt_chars: int = 2000, max_new_tokens_li
                 gr.Examples([[e] for e in examples], inputs=[prompt])
             with gr.Column(scale=1):
                 gr.Markdown("### Model card")
-                gr.Markdown(model_card(model), elem_id="model-card")
+                gr.Markdown(model_card(engine), elem_id="model-card")
         # the browser's button streams text and speed; API clients get the text alone, from `generate`.
         # Both draw on one concurrency budget, so --concurrency bounds the generations running at once.
         event = run.click(stream, [prompt, *controls], [output, stats], api_visibility="private",
@@ -206,17 +206,17 @@ def build_app(model, title: str, max_prompt_chars: int = 2000, max_new_tokens_li
     return demo
 
 
-def build_compare_app(models: Sequence, max_prompt_chars: int = 2000, max_new_tokens_limit: int = 512,
+def build_compare_app(engines: Sequence[Engine], max_prompt_chars: int = 2000, max_new_tokens_limit: int = 512,
                       examples: Sequence[str] = EXAMPLES) -> gr.Blocks:
     """One prompt, several loaded models side by side, each with its own speed."""
-    limits = Limits(max_prompt_chars, token_limit(models, max_new_tokens_limit))
-    n = len(models)
+    limits = Limits(max_prompt_chars, token_limit(engines, max_new_tokens_limit))
+    n = len(engines)
 
     def compare(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
-            streams = [Timed(stream_text(m, m.tokenizer, prompt, cfg)) for m in models]
+            streams = [Timed(e.stream(prompt, cfg)) for e in engines]
             texts, stats, sent, running = [prompt] * n, ["Generating..."] * n, [None] * n, set(range(n))
             # one piece from each model in turn, so all outputs grow together
             while running:
@@ -243,13 +243,13 @@ def build_compare_app(models: Sequence, max_prompt_chars: int = 2000, max_new_to
         gr.Examples([[e] for e in examples], inputs=[prompt])
         outputs, stats = [], []
         with gr.Row():
-            for i, model in enumerate(models):
+            for i, engine in enumerate(engines):
                 with gr.Column():
-                    gr.Markdown(f"### {model.architecture}\n`{model.checkpoint_path}`")
+                    gr.Markdown(f"### {engine.model.architecture}\n`{engine.path}`")
                     outputs.append(gr.Textbox(label="Output", lines=12, interactive=False, elem_id=f"output-{i}"))
                     stats.append(gr.Markdown(elem_id=f"stats-{i}"))
                     with gr.Accordion("Model card", open=False):
-                        gr.Markdown(model_card(model))
+                        gr.Markdown(model_card(engine))
         event = run.click(compare, [prompt, *controls], outputs + stats, api_name="compare")
         stop.click(lambda: ["Stopped."] * n, None, stats, cancels=[event], queue=False, api_visibility="private")
     return demo
@@ -293,12 +293,13 @@ def main(architecture: str, argv: list[str] | None = None) -> None:
                            description=f"Serve a {architecture} checkpoint as a web demo with a /generate API.")
     if not ckpt.checkpoint:
         raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
-    model = load_model(ckpt.checkpoint, args.device, compile=args.compile)
-    if model.architecture != architecture:
-        raise UserError(f"{ckpt.checkpoint} holds a {model.architecture} model, not {architecture}: "
-                        f"run {model.architecture}/gradio/app.py instead")
-    print(f"{architecture} from {model.checkpoint_path} on {next(model.parameters()).device}", file=sys.stderr)
-    serve(build_app(model, architecture, args.max_prompt_chars, args.max_new_tokens_limit), args)
+    engine = load_model(ckpt.checkpoint, args.device, compile=args.compile)
+    found = engine.model.architecture
+    if found != architecture:
+        raise UserError(f"{ckpt.checkpoint} holds a {found} model, not {architecture}: "
+                        f"run {found}/gradio/app.py instead")
+    print(f"{architecture} from {engine.path} on {next(engine.model.parameters()).device}", file=sys.stderr)
+    serve(build_app(engine, architecture, args.max_prompt_chars, args.max_new_tokens_limit), args)
 
 
 @dataclass
@@ -306,22 +307,19 @@ class CompareArgs:
     checkpoints: list[str] = option([], "Two or more checkpoint folders, out_dirs or Hub repo ids, side by side.")
 
 
-def compare_main(argv: list[str] | None = None) -> None:
-    compare, args = parse_cli((CompareArgs, ServeArgs), {}, argv, prog="python -m smolhub.app compare",
-                              description="Compare checkpoints side by side.")
-    if len(compare.checkpoints) < 2:
-        raise UserError("--checkpoints needs at least two checkpoints to compare, e.g. "
-                        "--checkpoints StoryLlama/out/StoryLlama StoryMixtral/out/StoryMixtral")
-    models = [load_model(c, args.device, compile=args.compile) for c in compare.checkpoints]
-    serve(build_compare_app(models, args.max_prompt_chars, args.max_new_tokens_limit), args)
+COMMANDS = {"compare": Command((CompareArgs, ServeArgs), help="Serve two or more checkpoints side by side.")}
 
 
 def cli(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "compare":
-        raise UserError("usage: python -m smolhub.app compare --checkpoints A B [...]; "
-                        "one model is served by its folder's gradio/app.py")
-    compare_main(argv[1:])
+    """Entry point of `python -m smolhub.app compare --checkpoints A B ...`."""
+    _, (compare, args) = parse_command(COMMANDS, argv, prog="python -m smolhub.app",
+                                       description="Compare checkpoints side by side in a web demo (one model "
+                                       "is served by its folder's gradio/app.py).")
+    if len(compare.checkpoints) < 2:
+        raise UserError("--checkpoints needs at least two checkpoints to compare, e.g. "
+                        "--checkpoints StoryLlama/out/StoryLlama StoryMixtral/out/StoryMixtral")
+    engines = [load_model(c, args.device, compile=args.compile) for c in compare.checkpoints]
+    serve(build_compare_app(engines, args.max_prompt_chars, args.max_new_tokens_limit), args)
 
 
 if __name__ == "__main__":

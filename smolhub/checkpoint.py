@@ -23,6 +23,7 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 
 from smolhub.errors import UserError
+from smolhub.hub_download import REPO_ID, download_checkpoint
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{7,})$")
 REQUIRED_FILES = ("model.safetensors", "config.json")
@@ -100,9 +101,7 @@ def resolve_checkpoint(path_or_repo: str) -> Path:
             return newest
         raise UserError(f"{path_or_repo} is not a SmolHub checkpoint (no config.json + model.safetensors, "
                         "and no ckpt-* folders inside); pass a checkpoint folder or the run's out_dir")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path_or_repo):
-        from smolhub_hub.hub import download_checkpoint
-
+    if REPO_ID.fullmatch(path_or_repo):
         return download_checkpoint(path_or_repo)
     raise UserError(f"checkpoint {path_or_repo!r} not found: pass a checkpoint folder, a run's out_dir "
                     "or a Hub repo id like user/StoryLlama")

@@ -1,17 +1,13 @@
-"""Configs as documented dataclasses, and the command line built from them.
+"""Configs as documented dataclasses, and their validation.
 
-Every field of the model config and of `TrainConfig` is a flag (`--n_layer 4`); `--preset NAME`
-and `--config FILE` (JSON or YAML) set many at once. Precedence, lowest first: the dataclass
-defaults, the preset, the config file, the flags. Parsing is transformers' `HfArgumentParser`.
+Every field is a command-line flag whose help is the field's `option` text (see smolhub/cli.py).
+A model's config.py subclasses `ModelConfig` (or `MoEConfig`) with its own defaults, next to its
+PRESETS and TRAIN_DEFAULTS.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from smolhub.errors import UserError
@@ -127,7 +123,7 @@ class TrainConfig:
     num_proc: int = option(1, "Processes that tokenise the data in parallel when preparing it (same tokens "
                            "for any number).")
     tokenizer: str = option("", "gpt2 | bpe | a folder with a saved tokenizer or GPT-2 vocab.json+merges.txt; "
-                            "empty = the model's default.")
+                            "each model's trainer defaults to its own (TRAIN_DEFAULTS in its config.py).")
     bpe_vocab_size: int = option(32000, "Vocabulary size when --tokenizer bpe trains one on the corpus.")
     # batch and schedule
     batch_size: int = option(16, "Sequences per micro-batch on each process.")
@@ -211,107 +207,3 @@ class TrainConfig:
             return [int(s) for s in self.seq_len_stages.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--seq_len_stages must be comma-separated integers, got {self.seq_len_stages!r}")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse prints usage and exits on a bad flag; we want one UserError line instead."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (run with --help to see every flag)")
-
-
-def _hf_parser(dataclass_types, prog: str | None, description: str | None):
-    from transformers import HfArgumentParser  # heavy import, kept out of module import time
-
-    class Parser(_Parser, HfArgumentParser):
-        pass
-
-    parser = Parser(dataclass_types, prog=prog, description=description)
-    return parser
-
-
-def load_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config {path}: no such file")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise UserError(f"--config {path}: use a .json, .yaml or .yml file")
-    except (json.JSONDecodeError, ValueError) as e:
-        raise UserError(f"--config {path} is not valid {p.suffix[1:].upper()}: {e}".splitlines()[0])
-    except Exception as e:  # yaml.YAMLError, kept generic to avoid importing yaml at module level
-        raise UserError(f"--config {path} could not be parsed: {e}".splitlines()[0])
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path} must hold a mapping of field names to values")
-    return data
-
-
-def parse_cli(dataclass_types: tuple[type, ...], presets: dict[str, dict], argv: list[str] | None,
-              defaults: dict | None = None, prog: str | None = None, description: str | None = None) -> tuple:
-    """Parse argv into one instance of each dataclass.
-
-    `defaults` (a model's own training defaults, e.g. its dataset) apply first, then --preset, then
-    --config, then the flags."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset")
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-
-    fields = {f.name: t for t in dataclass_types for f in dataclasses.fields(t)}
-    overrides: dict[str, Any] = dict(defaults or {})
-    if known.preset is not None:
-        if known.preset not in presets:
-            raise UserError(f"--preset {known.preset!r} is unknown; choose from {sorted(presets)}")
-        overrides.update(presets[known.preset])
-    if known.config is not None:
-        overrides.update(load_config_file(known.config))
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise UserError(f"unknown config fields {unknown}; run with --help to see every field")
-
-    parser = _hf_parser(dataclass_types, prog, description)
-    if presets:
-        parser.add_argument("--preset", choices=sorted(presets), help="Named set of defaults (e.g. tiny).")
-    parser.add_argument("--config", help="JSON or YAML file of field: value pairs.")
-    parser.set_defaults(**overrides)
-    try:
-        *objs, _extra = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except ValueError as e:  # HfArgumentParser's "Some specified arguments are not used"
-        raise UserError(f"{e} (run with --help to see every flag)")
-    for obj in objs:
-        check_types(obj)
-    return tuple(objs)
-
-
-def check_types(obj: Any) -> None:
-    """Values from a --config file bypass argparse's conversion; refuse ones of the wrong type."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, hint = getattr(obj, f.name), hints[f.name]
-        if typing.get_origin(hint) is list:
-            (item,) = typing.get_args(hint)
-            ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
-            expected = f"a list of {item.__name__}"
-        elif typing.get_origin(hint) is Literal:
-            ok = value in typing.get_args(hint)
-            expected = " | ".join(map(str, typing.get_args(hint)))
-        elif hint is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            expected = "a number"
-        elif hint is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-            expected = "an integer"
-        else:
-            ok = isinstance(value, hint)
-            expected = hint.__name__
-        if not ok:
-            raise UserError(f"{f.name} must be {expected}, got {value!r}")
-        if hint is float:
-            setattr(obj, f.name, float(value))

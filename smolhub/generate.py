@@ -3,12 +3,14 @@
 Sampling: temperature (0 = greedy), top-k, top-p (nucleus), repetition penalty (CTRL), EOS stop, a
 seed. Padding ids beyond the tokenizer's vocabulary are never sampled. Prompt + new tokens must fit
 the context: a prompt too long for max_new_tokens is cropped from the left, keeping its end.
+An Engine holds a model with what generating from it needs: its tokenizer and its CUDA-graph decoders.
 """
 from __future__ import annotations
 
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -85,9 +87,7 @@ class GraphDecoder:
     eager step is captured, which takes milliseconds, so the first generation waits for no compiler
     (only for CUDA's one-time kernel loading and library setup). compile=True has torch.compile fuse
     the step first (mode="reduce-overhead"): about twice the tokens/s, paid for by ~20 s of compiling
-    in the first call. The decoder and its cache are kept on the model and reused by later calls."""
-
-    _create_lock = threading.Lock()
+    in the first call. An Engine keeps its decoders, and their caches, for its later generations."""
 
     def __init__(self, model, batch_size: int, device: torch.device, dtype: torch.dtype, compile: bool = False):
         self.model = model
@@ -133,95 +133,11 @@ class GraphDecoder:
 
     @staticmethod
     def usable(model, device: torch.device) -> bool:
-        """CUDA only, for models whose caches take tensor positions, unless capturing failed before."""
-        if device.type != "cuda" or getattr(model, "graph_decode_failed", False):
+        """CUDA only, for models whose caches take tensor positions."""
+        if device.type != "cuda":
             return False
         probe = model.make_kv_cache(1, model.config.block_size, "meta", torch.float32)
         return all(getattr(layer, "static_positions", False) for layer in probe)
-
-    @classmethod
-    def acquire(cls, model, batch_size: int, device: torch.device, dtype: torch.dtype,
-                compile: bool = False) -> "GraphDecoder | None":
-        """The model's decoder for this batch size, locked for the caller; None while another
-        generation (a concurrent request in the demo app, say) is using it."""
-        with cls._create_lock:
-            decoders = model.__dict__.setdefault("_graph_decoders", {})
-            key = (batch_size, device, dtype, compile)
-            if key not in decoders:
-                decoders[key] = cls(model, batch_size, device, dtype, compile)
-        decoder = decoders[key]
-        return decoder if decoder.in_use.acquire(blocking=False) else None
-
-
-@torch.inference_mode()
-def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
-                 vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), step by step, until max_new_tokens or all rows hit EOS.
-
-    prompt: (B, T) ids, all rows the same length. A row that emitted EOS keeps being padded with EOS.
-    On CUDA the decode steps replay a CUDA graph (see GraphDecoder), compiled first when the model
-    was loaded with compile=True (`model.compile_decode`)."""
-    if prompt.dim() != 2 or prompt.size(1) == 0:
-        raise UserError("the prompt is empty: give at least one token of text")
-    block_size = model.config.block_size
-    prompt = prompt[:, -fit_to_context(prompt.size(1), cfg.max_new_tokens, block_size):]
-    decoder = None
-    if GraphDecoder.usable(model, prompt.device):
-        decoder = GraphDecoder.acquire(model, prompt.size(0), prompt.device, next(model.parameters()).dtype,
-                                       getattr(model, "compile_decode", False))
-    try:
-        yield from _decode(model, prompt, cfg, eos_id, vocab_limit, decoder)
-    finally:
-        if decoder is not None:
-            decoder.in_use.release()
-
-
-def _decode(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None, vocab_limit: int | None,
-            decoder: GraphDecoder | None) -> Iterator[torch.Tensor]:
-    B, T = prompt.shape
-    device = prompt.device
-    dtype = next(model.parameters()).dtype
-    cache = decoder.cache if decoder else model.make_kv_cache(B, T + cfg.max_new_tokens, device, dtype)
-    generator = None
-    if cfg.seed is not None and cfg.temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, prompt, True)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    with sdpa_kernel(GENERATION_ATTENTION):
-        logits, _ = model(prompt, kv_cache=cache, start_pos=0)
-    next_logits = logits[:, -1, :]
-    pos = torch.tensor(T, device=device) if decoder else T
-    for _ in range(cfg.max_new_tokens):
-        if vocab_limit is not None and vocab_limit < next_logits.size(-1):
-            next_logits = next_logits.clone()
-            next_logits[:, vocab_limit:] = float("-inf")
-        token = sample_next(next_logits, cfg, seen, generator)
-        if cfg.stop_at_eos and eos_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_id), token)
-            done |= token == eos_id
-        yield token
-        if cfg.stop_at_eos and eos_id is not None and bool(done.all()):
-            return
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        next_logits = _step(model, decoder, cache, token[:, None], pos)
-        pos = pos + 1
-
-
-def _step(model, decoder: GraphDecoder | None, cache, token: torch.Tensor, pos) -> torch.Tensor:
-    """Logits after one more token: the CUDA graph when there is one, else an eager forward."""
-    if decoder is not None and not getattr(model, "graph_decode_failed", False):
-        try:
-            return decoder.step(token, pos)
-        except Exception as e:  # a model that cannot be captured still decodes, eagerly
-            warnings.warn(f"CUDA-graph decoding failed, decoding eagerly from now on: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}")
-            model.graph_decode_failed = True
-    with sdpa_kernel(GENERATION_ATTENTION):
-        return model(token, kv_cache=cache, start_pos=pos)[0][:, -1, :]
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -237,12 +153,9 @@ class TextStream:
     """The continuation of one prompt (without the prompt), piece by piece as text; `n_tokens` counts
     the tokens sampled so far (a piece can hold several, or wait for the rest of a UTF-8 character)."""
 
-    def __init__(self, model, tokenizer, prompt: str, cfg: SamplingConfig):
-        device = next(model.parameters()).device
-        ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+    def __init__(self, tokens: Iterator[torch.Tensor], tokenizer, stop_at_eos: bool):
         self.n_tokens = 0
-        self._pieces = self._decode(generate_ids(model, ids, cfg, tokenizer.eos_token_id, len(tokenizer)),
-                                    tokenizer, cfg.stop_at_eos)
+        self._pieces = self._decode(tokens, tokenizer, stop_at_eos)
 
     def __iter__(self) -> "TextStream":
         return self
@@ -270,29 +183,142 @@ class TextStream:
             yield text[len(emitted):]
 
 
+class Engine:
+    """A model ready to generate: the nn.Module (`model`), its `tokenizer`, what its checkpoint
+    records (`meta`: step, tokens_seen, val_loss, dataset...; `path`: the checkpoint folder) and the
+    CUDA-graph decoders captured for it. load_model(path) builds one from a checkpoint; the trainer
+    wraps the model it is training to write its samples.
+
+    On CUDA the first generation of each batch size captures a decoder (see GraphDecoder) that every
+    later one replays; compile=True compiles its step first. Once a capture fails, the engine decodes
+    eagerly."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, compile: bool = False, meta: dict | None = None,
+                 path: Path | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.compile = compile
+        self.meta = meta if meta is not None else {}
+        self.path = path
+        self.graph_failed = False
+        self._decoders: dict[tuple, GraphDecoder] = {}
+        self._decoders_lock = threading.Lock()
+
+    def _acquire_decoder(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> GraphDecoder | None:
+        """The decoder for this batch size, locked for the caller; None where CUDA graphs do not apply
+        or while another generation (a concurrent request in the demo app, say) is using it."""
+        if self.graph_failed or not GraphDecoder.usable(self.model, device):
+            return None
+        with self._decoders_lock:
+            key = (batch_size, device, dtype)
+            if key not in self._decoders:
+                self._decoders[key] = GraphDecoder(self.model, batch_size, device, dtype, self.compile)
+            decoder = self._decoders[key]
+        return decoder if decoder.in_use.acquire(blocking=False) else None
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
+                     vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B,), step by step, until max_new_tokens or all rows hit EOS.
+
+        prompt: (B, T) ids, all rows the same length. A row that emitted EOS keeps being padded with EOS."""
+        if prompt.dim() != 2 or prompt.size(1) == 0:
+            raise UserError("the prompt is empty: give at least one token of text")
+        prompt = prompt[:, -fit_to_context(prompt.size(1), cfg.max_new_tokens, self.model.config.block_size):]
+        decoder = self._acquire_decoder(prompt.size(0), prompt.device, next(self.model.parameters()).dtype)
+        try:
+            yield from self._decode(prompt, cfg, eos_id, vocab_limit, decoder)
+        finally:
+            if decoder is not None:
+                decoder.in_use.release()
+
+    def _decode(self, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None, vocab_limit: int | None,
+                decoder: GraphDecoder | None) -> Iterator[torch.Tensor]:
+        model = self.model
+        B, T = prompt.shape
+        device = prompt.device
+        dtype = next(model.parameters()).dtype
+        cache = decoder.cache if decoder else model.make_kv_cache(B, T + cfg.max_new_tokens, device, dtype)
+        generator = None
+        if cfg.seed is not None and cfg.temperature > 0:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+            seen.scatter_(1, prompt, True)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        with sdpa_kernel(GENERATION_ATTENTION):
+            logits, _ = model(prompt, kv_cache=cache, start_pos=0)
+        next_logits = logits[:, -1, :]
+        pos = torch.tensor(T, device=device) if decoder else T
+        for _ in range(cfg.max_new_tokens):
+            if vocab_limit is not None and vocab_limit < next_logits.size(-1):
+                next_logits = next_logits.clone()
+                next_logits[:, vocab_limit:] = float("-inf")
+            token = sample_next(next_logits, cfg, seen, generator)
+            if cfg.stop_at_eos and eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            yield token
+            if cfg.stop_at_eos and eos_id is not None and bool(done.all()):
+                return
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            next_logits = self._step(decoder, cache, token[:, None], pos)
+            pos = pos + 1
+
+    def _step(self, decoder: GraphDecoder | None, cache, token: torch.Tensor, pos) -> torch.Tensor:
+        """Logits after one more token: the CUDA graph when there is one, else an eager forward."""
+        if decoder is not None and not self.graph_failed:
+            try:
+                return decoder.step(token, pos)
+            except Exception as e:  # a model that cannot be captured still decodes, eagerly
+                warnings.warn(f"CUDA-graph decoding failed, decoding eagerly from now on: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}")
+                self.graph_failed = True
+        with sdpa_kernel(GENERATION_ATTENTION):
+            return self.model(token, kv_cache=cache, start_pos=pos)[0][:, -1, :]
+
+    def stream(self, prompt: str, cfg: SamplingConfig) -> TextStream:
+        """The continuation of one prompt, as text pieces while they are sampled."""
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([encode_prompt(self.tokenizer, prompt)], device=device)
+        tokens = self.generate_ids(ids, cfg, self.tokenizer.eos_token_id, len(self.tokenizer))
+        return TextStream(tokens, self.tokenizer, cfg.stop_at_eos)
+
+    def continuation_ids(self, prompts: list[str], cfg: SamplingConfig) -> list[list[int]]:
+        """The new tokens of several prompts (up to EOS). Prompts of equal token length share one batched decode."""
+        device = next(self.model.parameters()).device
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):
+            by_len.setdefault(len(ids), []).append(i)
+        results: list[list[int]] = [[] for _ in prompts]
+        eos = self.tokenizer.eos_token_id
+        for idxs in by_len.values():
+            batch = torch.tensor([encoded[i] for i in idxs], device=device)
+            steps = list(self.generate_ids(batch, cfg, eos, len(self.tokenizer)))
+            tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idxs]
+            for row, i in zip(tokens, idxs):
+                results[i] = row[:row.index(eos)] if cfg.stop_at_eos and eos in row else row
+        return results
+
+    def generate(self, prompts: list[str], cfg: SamplingConfig) -> list[str]:
+        """The continuations of several prompts, as text."""
+        return [self.tokenizer.decode(ids) for ids in self.continuation_ids(prompts, cfg)]
+
+
+def generate_ids(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
+                 vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Engine.generate_ids for a bare model, keeping no decoder for later calls."""
+    return Engine(model).generate_ids(prompt, cfg, eos_id, vocab_limit)
+
+
 def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> TextStream:
-    """Iterate over the continuation of one prompt as text pieces (see TextStream)."""
-    return TextStream(model, tokenizer, prompt, cfg)
-
-
-def continuation_ids(model, tokenizer, prompts: list[str], cfg: SamplingConfig) -> list[list[int]]:
-    """The new tokens of several prompts (up to EOS). Prompts of equal token length share one batched decode."""
-    device = next(model.parameters()).device
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    results: list[list[int]] = [[] for _ in prompts]
-    eos = tokenizer.eos_token_id
-    for idxs in by_len.values():
-        batch = torch.tensor([encoded[i] for i in idxs], device=device)
-        steps = list(generate_ids(model, batch, cfg, eos, len(tokenizer)))
-        tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idxs]
-        for row, i in zip(tokens, idxs):
-            results[i] = row[:row.index(eos)] if cfg.stop_at_eos and eos in row else row
-    return results
+    """Engine.stream for a bare model and its tokenizer, keeping no decoder for later calls."""
+    return Engine(model, tokenizer).stream(prompt, cfg)
 
 
 def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig) -> list[str]:
-    """The continuations of several prompts, as text."""
-    return [tokenizer.decode(ids) for ids in continuation_ids(model, tokenizer, prompts, cfg)]
+    """Engine.generate for a bare model and its tokenizer, keeping no decoder for later calls."""
+    return Engine(model, tokenizer).generate(prompts, cfg)

@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 
 from smolhub.checkpoint import load_checkpoint
-from smolhub.config import option, parse_cli
+from smolhub.cli import parse_cli
+from smolhub.config import option
 from smolhub.errors import UserError
-from smolhub.generate import SamplingConfig, continuation_ids, generate_batch, stream_text
+from smolhub.generate import Engine, SamplingConfig
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -23,41 +24,35 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> torch.nn.Module:
+def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> Engine:
     """Load a checkpoint folder, a run's out_dir (its newest checkpoint) or a Hub repo id for inference.
 
-    The returned model carries its tokenizer (`model.tokenizer`) and the checkpoint's config.json
-    (`model.checkpoint`), so `generate_text(model=model, prompt=...)` needs nothing else.
-    compile=True (CUDA) compiles the decode step before capturing it: about twice the tokens/s,
-    after ~20 s of compiling in the first generation of each batch size. Worth it for a server,
-    not for one generation."""
+    The Engine returned holds the model (`.model`), its tokenizer (`.tokenizer`), the checkpoint's
+    training record (`.meta`) and folder (`.path`), so `generate_text(model=model, prompt=...)` needs
+    nothing else. compile=True (CUDA) compiles the decode step before capturing it: about twice the
+    tokens/s, after ~20 s of compiling in the first generation of each batch size. Worth it for a
+    server, not for one generation."""
     dev = pick_device(device)
     if compile and dev.type != "cuda":
         raise UserError("--compile speeds up CUDA-graph decoding, which needs a CUDA device; drop it on CPU")
     loaded = load_checkpoint(path, dev)
-    model = loaded.model
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    model.to(getattr(torch, dtype))
-    model.tokenizer = loaded.tokenizer
-    model.checkpoint = loaded.config
-    model.checkpoint_path = loaded.path
-    model.compile_decode = compile
-    return model
+    loaded.model.to(getattr(torch, dtype))
+    return Engine(loaded.model, loaded.tokenizer, compile, loaded.meta, loaded.path)
 
 
-def generate_text(model: torch.nn.Module, prompt: str, max_length: int = 100, temperature: float = 0.8,
-                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                  tokenizer=None, stream: bool = False):
+def generate_text(model: Engine, prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 0,
+                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                  stream: bool = False):
     """The prompt followed by up to max_length new tokens (a generator of text pieces if stream=True)."""
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise UserError("generate_text needs the tokenizer: load the model with load_model(path)")
+    if not isinstance(model, Engine):
+        raise UserError("generate_text takes the model that load_model(path) returns")
     cfg = SamplingConfig(max_new_tokens=max_length, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed)
     if stream:
-        return stream_text(model, tokenizer, prompt, cfg)
-    return prompt + generate_batch(model, tokenizer, [prompt], cfg)[0]
+        return model.stream(prompt, cfg)
+    return prompt + model.generate([prompt], cfg)[0]
 
 
 @dataclass
@@ -95,15 +90,14 @@ def main(argv: list[str] | None = None, prog: str = "inference.py") -> None:
         prompts = [args.prompt]
     if args.stream and len(prompts) > 1:
         raise UserError("--stream works with a single prompt; drop --prompts_file or --stream")
-    model = load_model(args.checkpoint, args.device, args.dtype, args.compile)
-    tokenizer = model.tokenizer
+    engine = load_model(args.checkpoint, args.device, args.dtype, args.compile)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          seed=None if args.seed < 0 else args.seed)
     start = time.perf_counter()
     if args.stream:
         print(prompts[0], end="", flush=True)
-        stream = stream_text(model, tokenizer, prompts[0], cfg)
+        stream = engine.stream(prompts[0], cfg)
         pieces = []
         for piece in stream:
             pieces.append(piece)
@@ -111,8 +105,8 @@ def main(argv: list[str] | None = None, prog: str = "inference.py") -> None:
         print()
         completions, counts = ["".join(pieces)], [stream.n_tokens]
     else:
-        ids = continuation_ids(model, tokenizer, prompts, cfg)
-        completions, counts = [tokenizer.decode(i) for i in ids], [len(i) for i in ids]
+        ids = engine.continuation_ids(prompts, cfg)
+        completions, counts = [engine.tokenizer.decode(i) for i in ids], [len(i) for i in ids]
     elapsed = time.perf_counter() - start
     n_tokens = sum(counts)
     if args.json:

@@ -115,12 +115,9 @@ class CausalLM(nn.Module):
         return [KVCache(batch_size, n_kv, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.n_layer)]
 
     # --- accounting ---------------------------------------------------------------------------
-    def num_params(self, exclude_embeddings: bool = False) -> int:
+    def num_params(self) -> int:
         """Unique parameters (a tied embedding counts once)."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.tok_emb.weight.numel()
-        return n
+        return sum(p.numel() for p in self.parameters())
 
     def num_active_params(self) -> int:
         """Parameters used per token; equal to num_params for dense models."""

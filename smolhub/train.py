@@ -1,75 +1,36 @@
-"""The training engine shared by the five models.
+"""The training engine shared by the five models: `setup` builds a run, `fit` runs its loop.
 
-One process or many under torchrun (DDP: NCCL on GPUs, gloo on CPU); bf16 autocast (fp16 with
-dynamic loss scaling where bf16 is missing, fp32 on CPU); gradient accumulation up to a target
-number of tokens per step; torch.compile on CUDA; warmup + cosine schedules; gradient clipping;
-progressive sequence length; periodic eval, samples and checkpoints; exact resume; SIGTERM/SIGINT
-save a checkpoint and stop.
+One process or many under torchrun (DDP); bf16 autocast (fp16 with dynamic loss scaling where bf16
+is missing, fp32 on CPU); gradient accumulation up to a target number of tokens per step;
+torch.compile and CUDA graphs on CUDA; warmup + cosine schedules; gradient clipping; progressive
+sequence length; periodic eval, samples and checkpoints; exact resume; SIGTERM/SIGINT save a
+checkpoint and stop. What a step computes is an `Objective` (objectives.py), so pretraining and
+post-training share all of this.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as dist
+import torch.nn as nn
 from safetensors.torch import load_model as load_safetensors_into
 from tqdm import tqdm
 
 from smolhub.checkpoint import latest_checkpoint, load_checkpoint, load_trainer_state, read_config, save_checkpoint
 from smolhub.config import ModelConfig, TrainConfig, pad_vocab
 from smolhub.errors import UserError
-from smolhub.generate import SamplingConfig, stream_text
+from smolhub.generate import Engine, SamplingConfig
 from smolhub.log import MetricsLogger
+from smolhub.objectives import NextTokenPrediction, Objective
 from smolhub.optim import build_optimizer, build_scheduler
-
-
-@dataclass
-class Runtime:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Read torchrun's environment; start the process group when there are several processes."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    elif cfg.device == "cuda" and world_size > 1:
-        device = torch.device(f"cuda:{local_rank}")
-    else:
-        device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, local_rank, world_size, device)
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+from smolhub.runtime import (Runtime, StopSignal, autocast, autocast_dtype, gather_rng_states, mean_over_ranks,
+                             on_main_first, set_rng_state, setup_runtime, teardown_runtime)
 
 
 def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
@@ -106,101 +67,222 @@ def use_cuda_graphs(cfg: TrainConfig, rt: Runtime, use_compile: bool, accum: int
     return cfg.cuda_graphs != "false" and not blockers
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+@dataclass(frozen=True)
+class Due:
+    """What the loop does after a step. Every interval is decided here and nowhere else."""
+    log: bool
+    eval: bool
+    sample: bool
+    save: bool
+
+    @classmethod
+    def at(cls, step: int, cfg: TrainConfig, stopping: bool) -> "Due":
+        last = step == cfg.max_steps
+
+        def every(interval: int) -> bool:
+            return last or (interval > 0 and step % interval == 0)
+
+        return cls(log=every(cfg.log_interval), eval=every(cfg.eval_interval),
+                   sample=cfg.sample_interval > 0 and every(cfg.sample_interval),
+                   save=stopping or every(cfg.save_interval))
 
 
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask the loop to save and stop at the end of the current step."""
+class MetricWindow:
+    """The objective's metrics and the tokens trained since the last log line, summed on the device
+    so that no step waits for the GPU; `flush` averages them over steps and ranks."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.tokens = 0
+        self.restart_clock()
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    def restart_clock(self) -> None:
+        self.started = time.perf_counter()
 
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def add(self, metrics: dict[str, torch.Tensor], tokens: int) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.steps += 1
+        self.tokens += tokens
 
-    def agreed(self, rt: Runtime) -> bool:
-        """All ranks stop together: one rank's signal stops every rank."""
-        if not rt.distributed:
-            return self.requested
-        flag = torch.tensor([int(self.requested)], device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def on_main_first(rt: Runtime, fn):
-    """Run fn on rank 0 first (it fills a cache), then on the others (they read it)."""
-    if rt.is_main:
-        result = fn()
-    if rt.distributed:
-        dist.barrier()
-    if not rt.is_main:
-        result = fn()
-    return result
-
-
-def mean_over_ranks(value: torch.Tensor, rt: Runtime) -> float:
-    if rt.distributed:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if rt.device.type == "cuda" else dist.ReduceOp.SUM)
-        if rt.device.type != "cuda":  # gloo has no AVG
-            value /= rt.world_size
-    return value.item()
+    def flush(self, rt: Runtime) -> dict:
+        means = {name: mean_over_ranks(total / self.steps, rt) for name, total in self.sums.items()}
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        means["tok_per_s"] = self.tokens / (time.perf_counter() - self.started)
+        self.sums, self.steps, self.tokens = {}, 0, 0
+        return means
 
 
 @torch.no_grad()
-def evaluate(model, loader_factory, n_batches: int, amp, rt: Runtime) -> float:
-    """Mean loss over the first n_batches of the validation stream (the same batches every time)."""
-    model.eval()
-    loader = loader_factory()
-    total = torch.zeros((), device=rt.device)
+def evaluate(step_model: nn.Module, objective: Objective, make_loader: Callable[[], object], n_batches: int,
+             amp, rt: Runtime) -> dict[str, float]:
+    """The objective's metrics, as val_<name>, over the first n_batches of a fresh validation loader
+    (the same batches every time)."""
+    step_model.eval()
+    loader = make_loader()
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(n_batches):
-        x, y = loader.next_batch()
+        batch = tuple(t.to(rt.device) for t in loader.next_batch())
         with amp:
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        total += loss.float()
-    model.train()
-    return mean_over_ranks(total / n_batches, rt)
+            _, metrics = objective(step_model, batch)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0) + value.float()  # a new tensor: a CUDA graph reuses its outputs
+    step_model.train()
+    return {f"val_{name}": mean_over_ranks(total / n_batches, rt) for name, total in sums.items()}
 
 
-def train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: str = "gpt2") -> dict:
+@dataclass
+class Trainer:
+    """Everything a run needs, built by `setup`. Two handles on the network: `model`, the raw
+    module (saved, sampled, stepped by the optimizer) and `step_model`, what runs the step (the
+    model compiled and/or wrapped in DDP)."""
+    cfg: TrainConfig
+    rt: Runtime
+    model: nn.Module
+    step_model: nn.Module
+    objective: Objective
+    sampler: Engine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: contextlib.AbstractContextManager
+    loader: object
+    make_val_loader: Callable[[], object]
+    logger: MetricsLogger
+    out_dir: Path
+    accum: int
+    tokens_per_step: int
+    peak_flops: float
+    step: int = 0
+    tokens_seen: int = 0
+
+    def train_step(self, seq_len: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step over `accum` micro-batches; returns the step's metrics and gradient norm."""
+        metrics: dict[str, torch.Tensor] = {}
+        for micro in range(self.accum):
+            batch = tuple(t.to(self.rt.device, non_blocking=True) for t in self.loader.next_batch(seq_len))
+            sync = micro == self.accum - 1 or not self.rt.distributed  # DDP all-reduces on the last only
+            with (contextlib.nullcontext() if sync else self.step_model.no_sync()), self.amp:
+                loss, micro_metrics = self.objective(self.step_model, batch)
+            self.scaler.scale(loss / self.accum).backward()
+            for name, value in micro_metrics.items():
+                metrics[name] = metrics.get(name, 0) + value / self.accum
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.model.after_optimizer_step()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return metrics, grad_norm
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.step_model, self.objective, self.make_val_loader, self.cfg.eval_batches, self.amp,
+                        self.rt)
+
+    def save(self, val_loss: float | None) -> None:
+        states = gather_rng_states(self.rt)  # a collective: every rank takes part
+        if not self.rt.is_main:
+            return
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss, "dataset": self.cfg.dataset,
+                "params": self.model.num_params(), "active_params": self.model.num_active_params()}
+        trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                         "loader": self.loader.state_dict(), "rng": states, "train_config": asdict(self.cfg)}
+        path = save_checkpoint(self.out_dir, self.step, self.model, self.sampler.tokenizer, meta, trainer_state,
+                               self.cfg.keep_last)
+        self.logger.write(f"saved {path}")
+
+    def log_record(self, window: MetricWindow, seq_len: int, grad_norm: torch.Tensor) -> dict:
+        record = window.flush(self.rt)
+        record.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), seq_len=seq_len,
+                      **self.model.train_metrics())
+        if self.peak_flops:
+            record["mfu"] = (self.model.flops_per_token(seq_len) * record["tok_per_s"]
+                             / (self.peak_flops * self.rt.world_size))
+        return record
+
+
+def fit(t: Trainer) -> dict:
+    """The training loop: step, then log / evaluate / sample / save as `Due` says, until max_steps
+    or a stop signal."""
+    cfg = t.cfg
+    stop = StopSignal()
+    t.model.train()
+    pbar = tqdm(total=cfg.max_steps, initial=t.step, disable=not t.rt.is_main, dynamic_ncols=True)
+    last_val: float | None = None
+    if t.step == 0:  # the starting point of the curve
+        last_val = t.evaluate()["val_loss"]
+        t.logger.log({"step": 0, "tokens": 0, "val_loss": last_val})
+        t.logger.write(f"step 0: val loss {last_val:.4f}")
+    window = MetricWindow()
+    try:
+        while t.step < cfg.max_steps:
+            seq_len = seq_len_at(t.step, cfg, t.model.config.block_size)
+            metrics, grad_norm = t.train_step(seq_len)
+            window.add(metrics, t.tokens_per_step)
+            pbar.update(1)
+
+            stopping = stop.agreed(t.rt)
+            due = Due.at(t.step, cfg, stopping)
+            record = {"step": t.step, "tokens": t.tokens_seen}
+            if due.log:
+                record.update(t.log_record(window, seq_len, grad_norm))
+            if due.eval:
+                record.update(t.evaluate())
+                last_val = record["val_loss"]
+            if due.log or due.eval:
+                t.logger.log(record)
+                pbar.set_postfix(progress_postfix(record))
+            if due.sample and t.rt.is_main:
+                t.logger.write(f"step {t.step} sample: {cfg.sample_prompt}{sample(t.sampler, cfg)}")
+            if due.save:
+                t.save(last_val)
+                t.logger.plot()
+            if stopping:
+                t.logger.write(f"stopped by signal at step {t.step}; resume with --resume")
+                break
+            if due.log:
+                window.restart_clock()  # evaluation, samples and saves stay out of tok/s
+    finally:
+        stop.restore()
+        pbar.close()
+        t.logger.finish()
+    return {"step": t.step, "tokens_seen": t.tokens_seen, "val_loss": last_val, "out_dir": str(t.out_dir)}
+
+
+def progress_postfix(record: dict) -> dict:
+    """The progress bar's summary of a log record."""
+    shown = {"loss": "{:.3f}", "lr": "{:.2e}", "tok_per_s": "{:,.0f}", "mfu": "{:.1%}", "val_loss": "{:.3f}"}
+    labels = {"tok_per_s": "tok/s", "val_loss": "val"}
+    return {labels.get(k, k): fmt.format(record[k]) for k, fmt in shown.items() if k in record}
+
+
+def train(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig,
+          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction) -> dict:
     """Train model_cls and return the final metrics. Sets up and tears down the process group."""
     rt = setup_runtime(cfg)
     try:
-        return _train(model_cls, mcfg, cfg, default_tokenizer, rt)
+        return fit(setup(model_cls, mcfg, cfg, rt, make_objective))
     finally:
-        if rt.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_runtime(rt)
 
 
-def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: str, rt: Runtime) -> dict:
-    from smolhub.data import PackedLoader, training_data, training_tokenizer
-    from smolhub.tokenizer import load_tokenizer
+def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: Runtime,
+          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction) -> Trainer:
+    """Build a run: its starting point (new, --resume or --init_from), tokenizer and data, model,
+    optimizer, what runs the step, and the logger."""
+    from smolhub.data import PackedLoader
 
-    arch = model_cls.__name__
-    out_dir = Path(cfg.out_dir or f"out/{arch}")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-
+    out_dir = Path(cfg.out_dir or f"out/{model_cls.__name__}")
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
     use_cuda_graphs(cfg, rt, use_compile, accum=1)  # where they can never run, fail before the data is read
     resume_from = latest_checkpoint(out_dir) if cfg.resume else None
@@ -208,193 +290,122 @@ def _train(model_cls, mcfg: ModelConfig, cfg: TrainConfig, default_tokenizer: st
         raise UserError(f"--resume: no complete checkpoint in {out_dir}; drop --resume to start a new run")
     base = load_checkpoint(cfg.init_from) if cfg.init_from else None
 
-    # tokenizer and data: rank 0 trains/tokenises into the cache, the other ranks then read it
-    if resume_from is not None:
-        tokenizer = load_tokenizer(resume_from)
-    elif base is not None:
-        tokenizer = base.tokenizer
-    else:
-        tokenizer = on_main_first(rt, lambda: training_tokenizer(cfg, default_tokenizer))
-    data = on_main_first(rt, lambda: training_data(cfg, tokenizer))
+    tokenizer, data = prepare_data(cfg, mcfg, rt, resume_from, base)
+    model = build_model(model_cls, mcfg, cfg, tokenizer, resume_from or (base.path if base else None))
+    if base is not None:
+        model.load_state_dict(base.model.state_dict())
+    model.to(rt.device)
+    optimizer = build_optimizer(model, cfg, rt.device.type)
+    scheduler = build_scheduler(optimizer, cfg)
+    amp_dtype = autocast_dtype(cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
+    block_size = model.config.block_size
 
-    # model
-    if resume_from is not None or base is not None:
-        source = resume_from or base.path
-        mcfg = model_cls.config_class.from_dict(read_config(source)["model"])
+    def packed_loader(shards: list[str], shuffle: bool) -> PackedLoader:
+        return PackedLoader(shards, data.dtype, cfg.batch_size, block_size, rank=rt.rank,
+                            world_size=rt.world_size, seed=cfg.seed, shuffle=shuffle)
+
+    loader = packed_loader(data.train_shards, shuffle=True)
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        step, tokens_seen = restore(resume_from, model, optimizer, scheduler, scaler, loader, rt)
+    accum = grad_accum_steps(cfg, block_size, rt.world_size)
+    graphs = use_cuda_graphs(cfg, rt, use_compile, accum)
+    tokens_per_step = accum * cfg.batch_size * block_size * rt.world_size
+    run_config = {"architecture": model_cls.__name__, "model": model.config.to_dict(), "train": asdict(cfg),
+                  "world_size": rt.world_size, "tokens_per_step": tokens_per_step,
+                  "params": model.num_params(), "active_params": model.num_active_params()}
+    logger = MetricsLogger(out_dir, cfg, run_config, enabled=rt.is_main, start_step=step)
+    where = f"resuming {resume_from} at step {step}" if resume_from else "starting"
+    logger.write(f"{model_cls.__name__}: {model.num_params() / 1e6:.2f}M parameters "
+                 f"({model.num_active_params() / 1e6:.2f}M active), {where}; {rt.world_size} process(es) on "
+                 f"{rt.device.type}, {amp_dtype}, compile={use_compile}, cuda_graphs={graphs}, {tokens_per_step} "
+                 f"tokens/step ({accum} micro-batches)")
+    return Trainer(cfg=cfg, rt=rt, model=model, step_model=step_model_for(model, rt, use_compile, graphs),
+                   objective=make_objective(model), sampler=Engine(model, tokenizer), optimizer=optimizer,
+                   scheduler=scheduler, scaler=scaler, amp=autocast(rt.device, amp_dtype), loader=loader,
+                   make_val_loader=lambda: packed_loader(data.val_shards, shuffle=False), logger=logger,
+                   out_dir=out_dir, accum=accum, tokens_per_step=tokens_per_step,
+                   peak_flops=(cfg.peak_tflops or (989.5 if rt.device.type == "cuda" else 0.0)) * 1e12,
+                   step=step, tokens_seen=tokens_seen)
+
+
+def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rt: Runtime, resume_from: Path | None, base):
+    """The run's tokenizer (a checkpoint's own when resuming or initialising from one) and its data,
+    tokenised for the model's context: rank 0 trains/tokenises into the cache, the other ranks then
+    read it."""
+    from smolhub.data import training_data, training_tokenizer
+    from smolhub.tokenizer import load_tokenizer
+
+    if resume_from is not None:
+        tokenizer, block_size = load_tokenizer(resume_from), read_config(resume_from)["model"]["block_size"]
+    elif base is not None:
+        tokenizer, block_size = base.tokenizer, base.model.config.block_size
+    else:
+        tokenizer, block_size = on_main_first(rt, lambda: training_tokenizer(cfg)), mcfg.block_size
+    return tokenizer, on_main_first(rt, lambda: training_data(cfg, tokenizer, block_size))
+
+
+def build_model(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, tokenizer,
+                checkpoint: Path | None) -> nn.Module:
+    """A fresh model of mcfg, or of the checkpoint's own config when continuing from one."""
+    if checkpoint is not None:
+        mcfg = model_cls.config_class.from_dict(read_config(checkpoint)["model"])
     elif mcfg.vocab_size == 0:
         mcfg.vocab_size = pad_vocab(len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
         raise UserError(f"--vocab_size {mcfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     check_seq_len_stages(cfg, mcfg.block_size)
-    model = model_cls(mcfg)
-    if base is not None:
-        model.load_state_dict(base.model.state_dict())
-    model.to(rt.device)
+    return model_cls(mcfg)
 
-    optimizer = build_optimizer(model, cfg, rt.device.type)
-    scheduler = build_scheduler(optimizer, cfg)
-    amp_dtype = autocast_dtype(cfg, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
-    amp = (torch.autocast(rt.device.type, dtype=amp_dtype) if amp_dtype != torch.float32
-           else contextlib.nullcontext())
 
-    loader = PackedLoader(data.train_shards, data.dtype, cfg.batch_size, mcfg.block_size, rank=rt.rank,
-                          world_size=rt.world_size, seed=cfg.seed, shuffle=True)
-
-    def val_loader():
-        return PackedLoader(data.val_shards, data.dtype, cfg.batch_size, mcfg.block_size, rank=rt.rank,
-                            world_size=rt.world_size, seed=cfg.seed, shuffle=False)
-
-    start_step, tokens_seen = 0, 0
-    if resume_from is not None:
-        load_safetensors_into(model, str(resume_from / "model.safetensors"))
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][rt.rank % len(state["rng"])], rt.device)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-
-    accum = grad_accum_steps(cfg, mcfg.block_size, rt.world_size)
-    graphs = use_cuda_graphs(cfg, rt, use_compile, accum)
-    fwd_model = torch.compile(model, mode="reduce-overhead" if graphs else None) if use_compile else model
-    train_model = fwd_model
+def step_model_for(model: nn.Module, rt: Runtime, use_compile: bool, graphs: bool) -> nn.Module:
+    """What runs the step: the model, compiled (replaying CUDA graphs where they apply), in DDP
+    when there are several processes."""
+    if use_compile:
+        model = torch.compile(model, mode="reduce-overhead" if graphs else None)
     if rt.distributed:
-        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=device_ids)
-
-    tokens_per_step = accum * cfg.batch_size * mcfg.block_size * rt.world_size
-    peak_flops = (cfg.peak_tflops or (989.5 if rt.device.type == "cuda" else 0.0)) * 1e12
-    run_config = {"architecture": arch, "model": mcfg.to_dict(), "train": asdict(cfg),
-                  "world_size": rt.world_size, "tokens_per_step": tokens_per_step,
-                  "params": model.num_params(), "active_params": model.num_active_params()}
-    logger = MetricsLogger(out_dir, cfg, run_config, enabled=rt.is_main, start_step=start_step)
-    if rt.is_main:
-        where = f"resuming {resume_from} at step {start_step}" if resume_from else "starting"
-        logger.write(f"{arch}: {model.num_params() / 1e6:.2f}M parameters ({model.num_active_params() / 1e6:.2f}M "
-                     f"active), {where}; {rt.world_size} process(es) on {rt.device.type}, {amp_dtype}, "
-                     f"compile={use_compile}, cuda_graphs={graphs}, {tokens_per_step} tokens/step "
-                     f"({accum} micro-batches)")
-
-    def save(step: int, val_loss: float | None) -> None:
-        states = [None] * rt.world_size
-        if rt.distributed:
-            dist.all_gather_object(states, rng_state(rt.device))
-        else:
-            states = [rng_state(rt.device)]
-        if rt.is_main:
-            meta = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss, "dataset": cfg.dataset,
-                    "params": model.num_params(), "active_params": model.num_active_params()}
-            trainer_state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "loader": loader.state_dict(), "rng": states, "train_config": asdict(cfg)}
-            path = save_checkpoint(out_dir, step, model, tokenizer, meta, trainer_state, cfg.keep_last)
-            logger.write(f"saved {path}")
-
-    stop = StopSignal()
-    model.train()
-    last_val: float | None = None
-    step = start_step
-    pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True)
-    if start_step == 0:  # the starting point of the curve
-        last_val = evaluate(fwd_model, val_loader, cfg.eval_batches, amp, rt)
-        logger.log({"step": 0, "tokens": 0, "val_loss": last_val})
-        logger.write(f"step 0: val loss {last_val:.4f}")
-    t_last, tokens_since = time.perf_counter(), 0
-    loss_window = torch.zeros((), device=rt.device)
-    steps_in_window = 0
-    try:
-        while step < cfg.max_steps:
-            seq_len = seq_len_at(step, cfg, mcfg.block_size)
-            step_loss = torch.zeros((), device=rt.device)
-            for micro in range(accum):
-                x, y = loader.next_batch(seq_len)
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                sync = micro == accum - 1 or not rt.distributed
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), amp:
-                    _, loss = train_model(x, y)
-                    aux = model.aux_loss()
-                    total = loss if aux is None else loss + aux
-                scaler.scale(total / accum).backward()
-                step_loss += loss.detach() / accum
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            model.after_optimizer_step()
-            step += 1
-            tokens_seen += tokens_per_step
-            tokens_since += tokens_per_step
-            loss_window += step_loss
-            steps_in_window += 1
-            pbar.update(1)
-
-            last = step == cfg.max_steps
-            logging = step % cfg.log_interval == 0 or last
-            evaluating = step % cfg.eval_interval == 0 or last
-            record = {"step": step, "tokens": tokens_seen}
-            if logging:
-                loss_val = mean_over_ranks(loss_window / steps_in_window, rt)
-                if rt.device.type == "cuda":
-                    torch.cuda.synchronize()
-                tok_s = tokens_since / (time.perf_counter() - t_last)
-                record.update(loss=loss_val, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
-                              tok_per_s=tok_s, seq_len=seq_len, **model.train_metrics())
-                if peak_flops:
-                    record["mfu"] = model.flops_per_token(seq_len) * tok_s / (peak_flops * rt.world_size)
-                loss_window.zero_()
-                steps_in_window = 0
-            if evaluating:
-                last_val = record["val_loss"] = evaluate(fwd_model, val_loader, cfg.eval_batches, amp, rt)
-            if logging or evaluating:
-                logger.log(record)
-            if logging:
-                postfix = {"loss": f"{loss_val:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"}
-                if "mfu" in record:
-                    postfix["mfu"] = f"{record['mfu']:.1%}"
-                if "val_loss" in record:
-                    postfix["val"] = f"{last_val:.3f}"
-                pbar.set_postfix(postfix)
-            if rt.is_main and cfg.sample_interval and (step % cfg.sample_interval == 0 or last):
-                logger.write(f"step {step} sample: {cfg.sample_prompt}{sample(model, tokenizer, cfg)}")
-            stopping = stop.agreed(rt)
-            if step % cfg.save_interval == 0 or last or stopping:
-                save(step, last_val)
-                logger.plot()
-            if stopping:
-                logger.write(f"stopped by signal at step {step}; resume with --resume")
-                break
-            if logging:
-                t_last, tokens_since = time.perf_counter(), 0
-    finally:
-        stop.restore()
-        pbar.close()
-        logger.finish()
-    return {"step": step, "tokens_seen": tokens_seen, "val_loss": last_val, "out_dir": str(out_dir)}
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return model
 
 
-def sample(model, tokenizer, cfg: TrainConfig) -> str:
-    """A short sample, outside the training autocast: on CUDA the decoder captures its step as a CUDA
-    graph and keeps it on the model for later generations, which should not inherit bf16 compute."""
-    model.eval()
-    text = "".join(stream_text(model, tokenizer, cfg.sample_prompt,
-                               SamplingConfig(max_new_tokens=min(64, model.config.block_size // 2),
-                                              temperature=0.8, top_k=50, seed=cfg.seed)))
-    model.train()
+def restore(folder: Path, model: nn.Module, optimizer, scheduler, scaler, loader, rt: Runtime) -> tuple[int, int]:
+    """Continue exactly where the checkpoint in `folder` stopped: weights, optimizer, schedule, loss
+    scale, data position and every rank's RNG. Returns (step, tokens seen)."""
+    load_safetensors_into(model, str(folder / "model.safetensors"))
+    state = load_trainer_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"][rt.rank % len(state["rng"])], rt.device)
+    return state["step"], state["tokens_seen"]
+
+
+def sample(engine: Engine, cfg: TrainConfig) -> str:
+    """A short sample in eval mode, outside the training autocast: on CUDA the engine captures its
+    decode step as a CUDA graph once, and every later sample of the run replays it (the graph reads
+    the weights in place, so it sees each step's update)."""
+    engine.model.eval()
+    text = "".join(engine.stream(cfg.sample_prompt, SamplingConfig(
+        max_new_tokens=min(64, engine.model.config.block_size // 2), temperature=0.8, top_k=50, seed=cfg.seed)))
+    engine.model.train()
     return text
 
 
-def main(model_cls, presets: dict, default_tokenizer: str, argv: list[str] | None = None,
-         defaults: dict | None = None) -> dict:
-    """The body of every model's trainer.py: flags -> configs -> train."""
-    from smolhub.config import parse_cli
+def main(model_cls: type[nn.Module], argv: list[str] | None = None) -> dict:
+    """The body of every model's trainer.py: flags -> configs -> train. The model's config.py holds
+    its TRAIN_DEFAULTS (dataset, tokenizer, ...) and PRESETS; flags override both."""
+    import importlib
 
-    mcfg, cfg = parse_cli((model_cls.config_class, TrainConfig), presets, argv, defaults=defaults,
-                          prog=f"{model_cls.__name__}/trainer.py", description=f"Train {model_cls.__name__}.")
-    result = train(model_cls, mcfg, cfg, default_tokenizer)
+    from smolhub.cli import parse_cli
+
+    config = importlib.import_module(model_cls.config_class.__module__)
+    mcfg, cfg = parse_cli((model_cls.config_class, TrainConfig), config.PRESETS, argv,
+                          defaults=config.TRAIN_DEFAULTS, prog=f"{model_cls.__name__}/trainer.py",
+                          description=f"Train {model_cls.__name__}.")
+    result = train(model_cls, mcfg, cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
         print(f"done: step {result['step']}, {result['tokens_seen']:,} tokens, val loss {val}, "

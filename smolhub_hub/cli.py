@@ -1,8 +1,10 @@
 """`python -m smolhub_hub push | pull | export | import`."""
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
+from smolhub.cli import Command, parse_command
+from smolhub.config import option
 from smolhub.errors import UserError
 
 EPILOG = """examples:
@@ -13,63 +15,69 @@ EPILOG = """examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad flag becomes one UserError line (run_main prints it) instead of argparse's usage dump."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (run with --help)")
+def _argument(help: str):
+    return field(metadata={"help": help, "positional": True})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m smolhub_hub", description="Share SmolHub checkpoints on the Hugging Face "
-                     "Hub, and convert them to and from transformers model folders.", epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+@dataclass
+class PushArgs:
+    checkpoint: str = _argument("Checkpoint folder or a run's out_dir (its newest checkpoint).")
+    repo_id: str = _argument("Target repo, owner/name; created if missing.")
+    private: bool = option(False, "Create the repo private (an existing repo keeps its visibility).",
+                           action="store_true")
+    with_trainer_state: bool = option(False, "Also upload trainer_state.pt (optimizer and data position, pickled) "
+                                      "as a backup; `pull` never downloads it.", action="store_true")
+    prompts: list[str] = option([], "Prompt for the card's samples (repeatable; none = three story openings).",
+                                flag="--prompt", action="append", metavar="TEXT")
+    max_new_tokens: int = option(60, "Tokens per sample.")
+    seed: int = option(0, "Sampling seed of the card's samples.")
+    message: str = option("", "Commit message (empty = the Hub's default).")
+    dry_run: bool = option(False, "Print the files and the model card; upload nothing.", action="store_true")
 
-    push = sub.add_parser("push", help="Upload a checkpoint with a generated model card.",
-                          description="Upload model.safetensors, config.json, the tokenizer, a generated README.md "
-                          "(with seeded samples) and the run's loss curve. The token comes from HF_TOKEN or "
-                          "`hf auth login` and is never printed.")
-    push.add_argument("checkpoint", help="Checkpoint folder or a run's out_dir (its newest checkpoint).")
-    push.add_argument("repo_id", help="Target repo, owner/name; created if missing.")
-    push.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps "
-                      "its visibility).")
-    push.add_argument("--with_trainer_state", action="store_true", help="Also upload trainer_state.pt (optimizer "
-                      "and data position, pickled) as a backup; `pull` never downloads it.")
-    push.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
-                      help="Prompt for the card's samples (repeatable; default: three story openings).")
-    push.add_argument("--max_new_tokens", type=int, default=60, help="Tokens per sample (default 60).")
-    push.add_argument("--seed", type=int, default=0, help="Sampling seed of the card's samples (default 0).")
-    push.add_argument("--message", help="Commit message.")
-    push.add_argument("--dry_run", action="store_true", help="Print the files and the model card; upload nothing.")
 
-    pull = sub.add_parser("pull", help="Download a checkpoint repo and check that it loads.",
-                          description="Download a checkpoint (safetensors, JSON and tokenizer files only; never "
-                          "pickles) into the Hugging Face cache or OUT_DIR, and load it once to check it.")
-    pull.add_argument("repo_id", help="Hub repo, owner/name.")
-    pull.add_argument("out_dir", nargs="?", help="Folder for the files (default: the Hugging Face cache).")
-    pull.add_argument("--revision", help="Branch, tag or commit (default: main).")
+@dataclass
+class PullArgs:
+    repo_id: str = _argument("Hub repo, owner/name.")
+    out_dir: str = option("", "Folder for the files (empty = the Hugging Face cache).", positional=True)
+    revision: str = option("", "Branch, tag or commit (empty = main).")
 
-    export = sub.add_parser("export", help="Write a transformers folder (AutoModelForCausalLM / AutoTokenizer).",
-                            description="Write CHECKPOINT as a transformers model folder: StoryLlama -> "
-                            "LlamaForCausalLM, StoryMixtral -> MixtralForCausalLM, StoryKimi -> "
-                            "DeepseekV3ForCausalLM; SmolTransformer and SmolMixtral carry their own modelling "
-                            "code (load with trust_remote_code=True). The export's logits are checked against "
-                            "the checkpoint's before the folder appears.")
-    export.add_argument("checkpoint", help="Checkpoint folder, a run's out_dir or a Hub repo id.")
-    export.add_argument("out_dir", help="New folder to write.")
 
-    imp = sub.add_parser("import", help="Turn an exported folder back into a SmolHub checkpoint.",
-                         description="Read a folder written by `export` (weights, config, tokenizer) and write "
-                         "a SmolHub checkpoint folder, for inference.py --checkpoint or trainer.py --init_from.")
-    imp.add_argument("exported_dir", help="Folder written by `python -m smolhub_hub export`.")
-    imp.add_argument("out_dir", help="New checkpoint folder to write.")
-    return parser
+@dataclass
+class ExportArgs:
+    checkpoint: str = _argument("Checkpoint folder, a run's out_dir or a Hub repo id.")
+    out_dir: str = _argument("New folder to write.")
+
+
+@dataclass
+class ImportArgs:
+    exported_dir: str = _argument("Folder written by `python -m smolhub_hub export`.")
+    out_dir: str = _argument("New checkpoint folder to write.")
+
+
+COMMANDS = {
+    "push": Command((PushArgs,), help="Upload a checkpoint with a generated model card.",
+                    description="Upload model.safetensors, config.json, the tokenizer, a generated README.md (with "
+                    "seeded samples) and the run's loss curve. The token comes from HF_TOKEN or `hf auth login` and "
+                    "is never printed."),
+    "pull": Command((PullArgs,), help="Download a checkpoint repo and check that it loads.",
+                    description="Download a checkpoint (safetensors, JSON and tokenizer files only; never pickles) "
+                    "into the Hugging Face cache or OUT_DIR, and load it once to check it."),
+    "export": Command((ExportArgs,), help="Write a transformers folder (AutoModelForCausalLM / AutoTokenizer).",
+                      description="Write CHECKPOINT as a transformers model folder: StoryLlama -> LlamaForCausalLM, "
+                      "StoryMixtral -> MixtralForCausalLM, StoryKimi -> DeepseekV3ForCausalLM; SmolTransformer and "
+                      "SmolMixtral carry their own modelling code (load with trust_remote_code=True). The export's "
+                      "logits are checked against the checkpoint's before the folder appears."),
+    "import": Command((ImportArgs,), help="Turn an exported folder back into a SmolHub checkpoint.",
+                      description="Read a folder written by `export` (weights, config, tokenizer) and write a SmolHub "
+                      "checkpoint folder, for inference.py --checkpoint or trainer.py --init_from."),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.command == "push":
+    command, (args,) = parse_command(COMMANDS, argv, prog="python -m smolhub_hub", epilog=EPILOG,
+                                     description="Share SmolHub checkpoints on the Hugging Face Hub, and convert "
+                                     "them to and from transformers model folders.")
+    if command == "push":
         from smolhub_hub.hub import check_repo_id, hub_token, plan_upload, upload
 
         check_repo_id(args.repo_id)
@@ -82,11 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             print("\n--- README.md ---\n" + plan.card)
             return
-        print(f"pushed: {upload(plan, token, args.private, args.message)}")
-    elif args.command == "pull":
+        print(f"pushed: {upload(plan, token, args.private, args.message or None)}")
+    elif command == "pull":
         from smolhub_hub.hub import download_checkpoint
 
-        folder = download_checkpoint(args.repo_id, args.revision, args.out_dir)
+        folder = download_checkpoint(args.repo_id, args.revision or None, args.out_dir or None)
         from smolhub.checkpoint import load_checkpoint  # torch: only once there is something to load
 
         loaded = load_checkpoint(str(folder))
@@ -95,13 +103,13 @@ def main(argv: list[str] | None = None) -> None:
               f"step {loaded.meta.get('step', '?')}")
         print(f"generate:  python {arch}/inference.py --checkpoint {folder}")
         print(f"fine-tune: python {arch}/trainer.py --init_from {folder}")
-    elif args.command == "export":
+    elif command == "export":
         from smolhub_hub.export import export_checkpoint
 
         folder = export_checkpoint(args.checkpoint, args.out_dir)
         print(f"exported {args.checkpoint} -> {folder} (logits checked against the checkpoint)")
     else:
-        from smolhub_hub.export import import_export
+        from smolhub_hub.export import import_transformers_folder
 
-        folder = import_export(args.exported_dir, args.out_dir)
+        folder = import_transformers_folder(args.exported_dir, args.out_dir)
         print(f"imported {args.exported_dir} -> {folder}")

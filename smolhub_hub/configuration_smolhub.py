@@ -6,16 +6,16 @@ from transformers import PretrainedConfig
 
 
 class SmolHubConfig(PretrainedConfig):
-    """A pre-norm decoder: RMSNorm or LayerNorm, learned or rotary positions, multi-head attention
+    """A pre-norm decoder: RMSNorm or LayerNorm, absolute or rotary positions, multi-head attention
     without biases, and a GELU MLP or a mixture of SwiGLU experts; the head shares the token embedding.
 
     Args:
         architecture: the SmolHub model this was exported from ("SmolTransformer" or "SmolMixtral").
         vocab_size: embedding rows (the tokenizer's size padded to a multiple of 64).
-        block_size: context length; also the number of learned positions.
+        block_size: context length; also the number of absolute positions.
         n_layer, n_embd, n_head: depth, width and attention heads.
         norm: "rmsnorm" or "layernorm" (LayerNorm with bias); norm_eps its epsilon.
-        positions: "learned" (absolute, added to the token embedding) or "rope" (rotate-half RoPE).
+        positions: "learned" or "sinusoidal" (absolute, added to the token embedding) or "rope" (rotate-half RoPE).
         rope_theta: RoPE base frequency.
         ffn: "gelu" (Linear, tanh-GELU, Linear) or "moe" (num_experts_per_tok of n_experts SwiGLU experts,
             softmax router renormalised over the chosen experts).
@@ -34,7 +34,8 @@ class SmolHubConfig(PretrainedConfig):
                  n_head=12, norm="rmsnorm", norm_eps=1e-5, positions="learned", rope_theta=10000.0, ffn="gelu",
                  ffn_hidden=3072, n_experts=8, num_experts_per_tok=2, expert_hidden=1024, noisy_routing=False,
                  initializer_range=0.02, use_cache=True, tie_word_embeddings=True, **kwargs):
-        if norm not in ("rmsnorm", "layernorm") or positions not in ("learned", "rope") or ffn not in ("gelu", "moe"):
+        if (norm not in ("rmsnorm", "layernorm") or positions not in ("learned", "sinusoidal", "rope")
+                or ffn not in ("gelu", "moe")):
             raise ValueError(f"unsupported SmolHub config: norm={norm!r}, positions={positions!r}, ffn={ffn!r}")
         self.architecture = architecture
         self.vocab_size, self.block_size = vocab_size, block_size

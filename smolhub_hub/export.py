@@ -6,6 +6,7 @@
     import: that folder -> a SmolHub checkpoint folder (weights, config.json, tokenizer) for
             inference or `--init_from`
 
+Each model's mapping to transformers lives beside the model, in `<Model>/state_dict_adapter.py`.
 The exported config.json keeps our own config under "smolhub", so an import rebuilds exactly the
 model that was exported (training-only fields such as dropout or router noise included).
 """
@@ -22,28 +23,16 @@ from safetensors.torch import save_model as save_safetensors_from
 
 from smolhub.checkpoint import load_checkpoint
 from smolhub.errors import UserError
+from smolhub.modeling import model_class
 
 # fp32 logits of the two implementations differ by summation order only; a mapping error is O(1)
 VERIFY_TOLERANCE = 1e-3
 
-# architecture -> module smolhub_hub.convert_<name>. Each converter module defines
-#   REMOTE_CODE                        True when the export carries its own modelling code
-#   model_class()                      the transformers class that loads the export
-#   hf_config(architecture, cfg, ids)  the transformers config for a SmolHub config (ids: special tokens)
-#   to_hf(state_dict, cfg)             our weights -> the in-memory layout of model_class()
-#   from_hf(state_dict, cfg)           the inverse
-# and transformers' own save_pretrained decides the file layout (Mixtral's per-expert keys, say).
-CONVERTERS = {
-    "SmolTransformer": "remote",
-    "StoryLlama": "llama",
-    "SmolMixtral": "remote",
-    "StoryMixtral": "mixtral",
-    "StoryKimi": "deepseek_v3",
-}
 
-
-def converter(architecture: str):
-    return importlib.import_module(f"smolhub_hub.convert_{CONVERTERS[architecture]}")
+def adapter_for(architecture: str):
+    """The model's own `<Model>/state_dict_adapter.py` (interface: smolhub_hub/state_dict_adapter.py)."""
+    package = model_class(architecture).__module__.rpartition(".")[0]
+    return importlib.import_module(f"{package}.state_dict_adapter")
 
 
 def _problem(e: Exception) -> str:
@@ -86,10 +75,10 @@ def generation_config(tokenizer, vocab_size: int):
     return GenerationConfig(**special_token_ids(tokenizer), suppress_tokens=padding or None)
 
 
-def build_hf_model(conv, hf_cfg, weights: dict):
+def build_hf_model(adapter, hf_cfg, weights: dict):
     """The transformers model holding `weights`, built without a throwaway random init."""
     with torch.device("meta"):
-        model = conv.model_class()(hf_cfg)
+        model = adapter.model_class()(hf_cfg)
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:
@@ -103,10 +92,10 @@ def load_exported(folder: Path, dtype: torch.dtype = torch.float32):
     """Load an export with transformers, refusing one whose files do not fill every weight."""
     from transformers import AutoModelForCausalLM
 
-    conv = converter(read_export_config(folder)["architecture"])
+    adapter = adapter_for(read_export_config(folder)["architecture"])
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, local_files_only=True, trust_remote_code=conv.REMOTE_CODE,
+            str(folder), dtype=dtype, local_files_only=True, trust_remote_code=adapter.REMOTE_CODE,
             output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"transformers cannot load {folder} ({str(e).splitlines()[0]}); "
@@ -137,11 +126,11 @@ def export_checkpoint(checkpoint: str, out_dir: str | Path, verify: bool = True)
     _fresh_target(out_dir)
     loaded = load_checkpoint(checkpoint)
     arch, model, tokenizer = loaded.config["architecture"], loaded.model, loaded.tokenizer
-    conv = converter(arch)
+    adapter = adapter_for(arch)
     cfg = model.config
-    hf_cfg = conv.hf_config(arch, cfg, special_token_ids(tokenizer))
+    hf_cfg = adapter.hf_config(cfg, special_token_ids(tokenizer))
     hf_cfg.smolhub = {"architecture": arch, "model": cfg.to_dict(), "meta": loaded.meta}
-    hf_model = build_hf_model(conv, hf_cfg, conv.to_hf(model.state_dict(), cfg))
+    hf_model = build_hf_model(adapter, hf_cfg, adapter.to_hf(model.state_dict(), cfg))
     hf_model.generation_config = generation_config(tokenizer, cfg.vocab_size)
     tmp = _staging(out_dir)
     try:
@@ -174,27 +163,26 @@ def read_export_config(folder: Path) -> dict:
     return smolhub
 
 
-def import_export(folder: str | Path, out_dir: str | Path) -> Path:
+def import_transformers_folder(folder: str | Path, out_dir: str | Path) -> Path:
     """Turn an exported folder back into a SmolHub checkpoint folder at out_dir."""
     from safetensors.torch import load_file
 
-    from smolhub.modeling import model_class
     from smolhub.tokenizer import load_tokenizer
 
     folder, out_dir = Path(folder).expanduser(), Path(out_dir).expanduser()
     smolhub = read_export_config(folder)
     _fresh_target(out_dir)
     arch = smolhub["architecture"]
-    cls, conv = model_class(arch), converter(arch)
+    cls, adapter = model_class(arch), adapter_for(arch)
     cfg = cls.config_class.from_dict(smolhub["model"])
-    if conv.REMOTE_CODE:
+    if adapter.REMOTE_CODE:
         # our own layout: read the tensors instead of running the folder's code
         weights = load_file(str(folder / "model.safetensors"))
     else:
         weights = load_exported(folder).state_dict()
     model = cls(cfg)
     try:
-        model.load_state_dict(conv.from_hf(weights, cfg), strict=True)
+        model.load_state_dict(adapter.from_hf(weights, cfg), strict=True)
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{folder}: the weights do not match the {arch} config in its config.json "
                         f"({_problem(e)}); re-export the checkpoint") from None

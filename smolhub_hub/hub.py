@@ -1,4 +1,5 @@
-"""Hub transfers. Only safetensors, JSON and tokenizer text files are ever fetched: no pickle.
+"""Hub transfers. A pull is the core's download_checkpoint (smolhub/hub_download.py), the one every
+`--checkpoint user/repo` goes through: only safetensors, JSON and text files are fetched, never a pickle.
 
 A push is planned first (`plan_upload`: which files, the model card) and then sent (`upload`), so
 everything but the network call can be inspected, printed (`push --dry_run`) and tested.
@@ -7,48 +8,14 @@ printed, logged or written, and error messages are scrubbed of it.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from smolhub.errors import UserError
+from smolhub.hub_download import check_repo_id, download_checkpoint  # noqa: F401 (pull runs it)
 
-ALLOWED_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.md", "*.png"]
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TRAINER_STATE = "trainer_state.pt"
 LOSS_CURVE = "loss_curve.png"
-
-
-def check_repo_id(repo_id: str) -> str:
-    if not REPO_ID.fullmatch(repo_id):
-        raise UserError(f"{repo_id!r} is not a Hub repo id: use owner/name, e.g. yourname/StoryLlama")
-    return repo_id
-
-
-def download_checkpoint(repo_id: str, revision: str | None = None, local_dir: str | Path | None = None) -> Path:
-    """Fetch a checkpoint repo (or a revision of it) into the local HF cache (or local_dir); return its folder."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-
-    check_repo_id(repo_id)
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOWED_PATTERNS,
-                                        local_dir=None if local_dir is None else str(local_dir)))
-    except RepositoryNotFoundError:
-        raise UserError(f"Hub repo {repo_id!r} does not exist (or is private: log in with `hf auth login` "
-                        "or set HF_TOKEN); check the id or pass a local checkpoint folder")
-    except RevisionNotFoundError:
-        raise UserError(f"Hub repo {repo_id!r} has no revision {revision!r}")
-    except GatedRepoError:
-        raise UserError(f"Hub repo {repo_id!r} is gated: accept its terms on the Hub and log in")
-    except (LocalEntryNotFoundError, OSError) as e:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "cannot reach the Hugging Face Hub"
-        raise UserError(f"{why} for {repo_id!r} and it is not in the local cache ({type(e).__name__}); "
-                        "pass a local checkpoint folder instead")
-    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
-        raise UserError(f"Hub repo {repo_id!r} holds no SmolHub checkpoint (model.safetensors + config.json)")
-    return folder
 
 
 def hub_token() -> str:
@@ -96,7 +63,7 @@ def plan_upload(checkpoint: str, repo_id: str, with_trainer_state: bool = False,
     from smolhub.checkpoint import load_checkpoint, resolve_checkpoint
     from smolhub.generate import SamplingConfig, generate_batch
     from smolhub_hub.card import SAMPLE_PROMPTS, model_card, read_metrics
-    from smolhub_hub.export import converter
+    from smolhub_hub.export import adapter_for
 
     check_repo_id(repo_id)
     folder = resolve_checkpoint(checkpoint)
@@ -114,7 +81,7 @@ def plan_upload(checkpoint: str, repo_id: str, with_trainer_state: bool = False,
                  f"up to {sampling.max_new_tokens} tokens")
     card = model_card(repo_id, loaded.config, model.num_params(), model.num_active_params(),
                       len(loaded.tokenizer), read_metrics(folder.parent), list(zip(prompts, completions)), described,
-                      has_curve=LOSS_CURVE in files, remote_code=converter(loaded.config["architecture"]).REMOTE_CODE)
+                      has_curve=LOSS_CURVE in files, remote_code=adapter_for(loaded.config["architecture"]).REMOTE_CODE)
     return UploadPlan(repo_id, folder, files, card)
 
 

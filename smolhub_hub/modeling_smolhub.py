@@ -5,7 +5,7 @@ SmolMixtral a Mixtral with LayerNorm and multi-head attention. This file is copi
 exported folders and must stay self-contained (torch and transformers only). Parameter names are
 SmolHub's, so an export's weights are the checkpoint's tensors under the same keys.
 
-    tokens -> embedding (+ learned positions) -> n_layer x [x + Attn(Norm(x)); x + FFN(Norm(x))] -> Norm -> head
+    tokens -> embedding (+ absolute positions) -> n_layer x [x + Attn(Norm(x)); x + FFN(Norm(x))] -> Norm -> head
 """
 import math
 
@@ -189,6 +189,18 @@ class SmolHubForCausalLM(SmolHubPreTrainedModel, GenerationMixin):
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().float().to(dtype), angles.sin().float().to(dtype)
 
+    def sinusoids(self, position_ids, dtype):
+        """The fixed sin/cos positions (B, T, n_embd) as SmolHub's table holds them (fp64, then fp32),
+        computed per call for the reason rope() is."""
+        dim = self.config.n_embd
+        div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64, device=position_ids.device)
+                        * (-math.log(10000.0) / dim))
+        angles = position_ids[..., None].double() * div
+        table = angles.new_zeros(*position_ids.shape, dim)
+        table[..., 0::2] = angles.sin()
+        table[..., 1::2] = angles.cos()[..., : dim // 2]
+        return table.float().to(dtype)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
         """`cache` is transformers >= 5.24's name of the KV cache, `past_key_values` the earlier one."""
@@ -206,7 +218,9 @@ class SmolHubForCausalLM(SmolHubPreTrainedModel, GenerationMixin):
             rope = self.rope(position_ids, x.dtype)
         elif int(position_ids.max()) >= self.config.block_size:
             raise ValueError(f"position {int(position_ids.max())} is beyond the model's {self.config.block_size} "
-                             "learned positions: shorten the prompt or max_new_tokens")
+                             f"{self.config.positions} positions: shorten the prompt or max_new_tokens")
+        elif self.config.positions == "sinusoidal":
+            x = x + self.sinusoids(position_ids, x.dtype)
         else:
             x = x + self.pos_emb(position_ids)
         mask = self.attention_mask(attention_mask, B, T, past, x.device)

@@ -1,4 +1,7 @@
-"""Shared fixtures: paths to ../shared data, and running SmolHub's scripts as a user would."""
+"""Shared fixtures: paths to ../shared data, tiny models of every architecture, running SmolHub's
+scripts as a user would, and the `cuda` marker's skip where there is no GPU."""
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -31,25 +34,65 @@ def run_script(args: list[str], cwd: Path, tmp_path: Path | None = None, timeout
     return proc
 
 
-def assert_tensor_position_decoding_matches(model, vocab_size: int, tol: float = 1e-9) -> None:
-    """The CUDA-graph decode path (a whole-context cache, positions as tensors) run eagerly must give
-    the full forward's logits. `model` is a float64 model in eval mode."""
+def tiny_config(architecture: str, **overrides):
+    """The model fields of an architecture's `tiny` preset with a 320-token vocabulary, then overrides."""
+    from smolhub.modeling import model_class
+
+    config_cls = model_class(architecture).config_class
+    preset = importlib.import_module(f"{architecture}.config").PRESETS["tiny"]
+    dims = {k: v for k, v in preset.items() if k in config_cls.__dataclass_fields__}
+    return config_cls(**{**dims, "vocab_size": 320, **overrides})
+
+
+def tiny_model(architecture: str, **overrides):
+    from smolhub.modeling import model_class
+
+    return model_class(architecture)(tiny_config(architecture, **overrides))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny matmuls: on the two shared cores a second thread only
+    adds synchronisation, 4-20x slower."""
     import torch
 
-    idx = torch.randint(0, vocab_size, (2, 30))
-    full, _ = model(idx)
-    cache = model.make_kv_cache(2, model.config.block_size, "cpu", torch.float64)
-    for layer in cache:  # what an earlier generation left behind must stay masked
-        for buffer in vars(layer).values():
-            if isinstance(buffer, torch.Tensor) and buffer.is_floating_point():
-                buffer.normal_()
-    logits = [model(idx[:, :10], kv_cache=cache, start_pos=0)[0]]
-    for t in range(10, 30):
-        logits.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=torch.tensor(t))[0])
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=tol, atol=tol)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_train_args(out_dir: Path, data_dir: Path, *extra: str) -> list[str]:
     """A tiny StoryLlama run on the shared Shakespeare text with a 512-token BPE, deterministic."""
     return ["trainer.py", "--preset", "tiny", "--dataset", str(SHAKESPEARE), "--data_dir", str(data_dir),
             "--out_dir", str(out_dir), "--deterministic", "--sample_interval", "0", *extra]
+
+
+def run_tiny_trainer(model: str, dataset: str, workdir: Path, run_name: str, *flags: str) -> tuple[list[dict], str]:
+    """One 60-step run of a model's tiny preset through its trainer.py, as a user runs it, with an
+    evaluation every 20 steps and a sample and a checkpoint every 30: (metrics records, stdout).
+    The trainer runs inside the model's folder, so a file path relative to the caller's folder is
+    resolved first; a source name (synthetic) passes as it is."""
+    out = workdir / run_name
+    if Path(dataset).is_file():
+        dataset = str(Path(dataset).resolve())
+    args = ["trainer.py", "--preset", "tiny", "--dataset", dataset, "--data_dir", str(workdir / f"data-{model}"),
+            "--out_dir", str(out), "--max_steps", "60", "--eval_interval", "20", "--save_interval", "30",
+            "--sample_interval", "30", "--log_interval", "10", *flags]
+    proc = subprocess.run([sys.executable, *args], cwd=REPO / model, env=script_env(workdir / f"cache-{run_name}"),
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{model} {run_name} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stdout
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run on a CUDA GPU (`pytest -m cuda` on the GPU machine) and skip elsewhere."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in cuda_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run with `pytest -m cuda` there)"))

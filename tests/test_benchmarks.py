@@ -36,11 +36,11 @@ def pair_with_the_same_weights(name: str):
 
     import torch
 
-    from smolhub_hub.export import converter
+    from smolhub_hub.export import adapter_for
 
     torch.manual_seed(0)
     ours, hf, _ = quality.build_pair(name, 512, argparse.Namespace(tiny=True))
-    hf.load_state_dict(converter(name).to_hf(ours.state_dict(), ours.config))
+    hf.load_state_dict(adapter_for(name).to_hf(ours.state_dict(), ours.config))
     return ours, quality.HFSide(hf, 0.0)
 
 
@@ -165,16 +165,3 @@ def test_decode_table_marks_what_did_not_run(capsys):
     assert first.split() == ["StoryKimi", "1", "-", "-", "-", "1,026", "7", "-", "386", "2.66x"]
     assert second.split() == ["StoryKimi", "16", "-", "-", "-", "1,026", "7", "-", "-", "-"]
 
-
-def test_check_gpu_trainer_runs_with_a_relative_text_path(tmp_path, monkeypatch):
-    """check_gpu --trainer's run: the trainer runs in the model's folder, so a path relative to the
-    caller's folder must reach it resolved (the first GPU run of it failed on exactly that)."""
-    from benchmarks.check_gpu import run_trainer
-
-    (tmp_path / "input.txt").write_bytes((SHARED_DATA / "tinyshakespeare" / "input.txt").read_bytes())
-    monkeypatch.chdir(tmp_path)
-    records, stdout = run_trainer("SmolTransformer", "input.txt", tmp_path / "work", "run")
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 6 and losses[-1] < losses[0]
-    assert stdout.count(" sample: ") == 2 and "val_loss" in records[-1]
-    assert sorted(p.name for p in (tmp_path / "work" / "run").glob("ckpt-*")) == ["ckpt-0000030", "ckpt-0000060"]

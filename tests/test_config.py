@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from smolhub.config import TrainConfig, parse_cli
+from smolhub.cli import parse_cli
+from smolhub.config import TrainConfig
 from smolhub.errors import UserError
 from StoryLlama.config import PRESETS, StoryLlamaConfig
 

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from smolhub.config import TrainConfig
 from smolhub.data import (PackedLoader, dataset_identity, has_validation_split, iter_documents,
-                          prepare_dataset, synthetic_stories)
+                          prepare_dataset, synthetic_stories, training_data)
 from smolhub.errors import UserError
 from smolhub.tokenizer import EOS, gpt2_tokenizer
 
@@ -244,6 +245,28 @@ def test_prepare_reuses_cache_and_ignores_killed_builds(tmp_path, tok):
     # editing the source makes a new folder
     write_jsonl(src, [{"text": d} for d in list(synthetic_stories(31, seed=1))])
     assert prepare_dataset(str(src), tok, str(cache), block_size=32).folder != first.folder
+
+
+def test_training_data_holds_out_a_window_of_the_model_context(tmp_path, tok):
+    """Every model of context up to 1024 reads one preparation; a longer one gets a validation tail
+    it can evaluate on (one window of block_size + 1 tokens), not the 1025 tokens of a 1024 model."""
+    (tmp_path / "play.txt").write_text(SHAKESPEARE.read_text()[:20_000])
+    cfg = TrainConfig(dataset=str(tmp_path / "play.txt"), data_dir=str(tmp_path / "c"))
+    short, default = (training_data(cfg, tok, block_size) for block_size in (128, 1024))
+    assert short.folder == default.folder and default.n_val_tokens == 1025
+    assert training_data(cfg, tok, 2048).n_val_tokens == 2049
+
+
+def test_trainer_prepares_data_for_its_context(tmp_path):
+    """A 2048-token model on a small held-out corpus: its validation batch needs 2049 tokens."""
+    from StoryLlama.trainer import main as train_main
+
+    (tmp_path / "play.txt").write_text(SHAKESPEARE.read_text()[:40_000])
+    result = train_main(["--preset", "tiny", "--dataset", str(tmp_path / "play.txt"), "--block_size", "2048",
+                         "--batch_size", "1", "--max_steps", "1", "--warmup_steps", "0", "--eval_interval", "1",
+                         "--eval_batches", "1", "--sample_interval", "0", "--data_dir", str(tmp_path / "data"),
+                         "--out_dir", str(tmp_path / "out")])
+    assert result["val_loss"] is not None
 
 
 def test_prepare_synthetic_uses_its_validation_split(tmp_path, tok):

@@ -1,6 +1,6 @@
 """Export to transformers and back: every exportable architecture loads with AutoModelForCausalLM /
 AutoTokenizer from the folder alone, gives our logits and our greedy text, and imports back exactly."""
-import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -8,15 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHAKESPEARE
+from conftest import SHAKESPEARE, tiny_model
 from smolhub.checkpoint import save_checkpoint
 from smolhub.errors import UserError
 from smolhub.generate import SamplingConfig, generate_ids
+from smolhub.modeling import ARCHITECTURES, model_class
 from smolhub.tokenizer import train_bpe
-from smolhub_hub.export import CONVERTERS, export_checkpoint, import_export
+from smolhub_hub.export import adapter_for, export_checkpoint, import_transformers_folder
 
 PROMPTS = ["First Citizen:", "The king", "O Romeo, Romeo"]
-ARCHS = sorted(CONVERTERS)
+ARCHS = sorted(ARCHITECTURES)
 
 
 def tiny_tokenizer():
@@ -40,30 +41,31 @@ def scramble(model: torch.nn.Module, seed: int) -> None:
             t.copy_(base + 0.1 * torch.randn(t.shape, generator=g))
 
 
-def tiny_checkpoint(arch: str, tokenizer, out_dir: Path, seed: int = 0) -> Path:
-    """A saved tiny-preset checkpoint of `arch` with scrambled fp32 weights."""
-    config_mod = importlib.import_module(f"{arch}.config")
-    cls = getattr(importlib.import_module(f"{arch}.model"), arch)
-    fields = cls.config_class.__dataclass_fields__
-    dims = {k: v for k, v in config_mod.PRESETS["tiny"].items() if k in fields}
+def tiny_checkpoint(arch: str, tokenizer, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A saved tiny-preset checkpoint of `arch` (config fields as overridden) with scrambled fp32 weights."""
     torch.manual_seed(seed)
-    model = cls(cls.config_class(**dims, vocab_size=320))
+    model = tiny_model(arch, **overrides)
     scramble(model, seed)
     meta = {"step": 7, "tokens_seen": 7 * 2048, "val_loss": 5.25, "dataset": "tinyshakespeare"}
     return save_checkpoint(out_dir, 7, model, tokenizer, meta, trainer_state={"step": 7})
 
 
-def test_every_architecture_has_an_export():
-    from smolhub.modeling import ARCHITECTURES
-
-    assert sorted(CONVERTERS) == sorted(ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_has_a_state_dict_adapter_beside_it(arch):
+    """Found from the model alone: no second list of models to keep in step with ARCHITECTURES."""
+    adapter = adapter_for(arch)
+    assert adapter.__name__ == f"{arch}.state_dict_adapter"
+    assert Path(adapter.__file__).parent == Path(inspect.getfile(model_class(arch))).parent
+    assert isinstance(adapter.REMOTE_CODE, bool)
+    for name in ("model_class", "hf_config", "to_hf", "from_hf"):
+        assert callable(getattr(adapter, name)), name
 
 
 def load_with_transformers(folder: Path, arch: str):
     """The export as a user loads it: the folder alone, offline (plus its own code for two architectures)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    remote = CONVERTERS[arch] == "remote"
+    remote = adapter_for(arch).REMOTE_CODE
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote,
                                                  local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(folder, trust_remote_code=remote, local_files_only=True)
@@ -99,7 +101,7 @@ def test_export_loads_in_transformers_with_same_logits_and_text(arch, tokenizer,
         texts.add(text)
     assert len(texts) == len(PROMPTS), texts  # the scrambled model says different things
 
-    back = import_export(exported, tmp_path / "back")
+    back = import_transformers_folder(exported, tmp_path / "back")
     a, b = load_file(ckpt / "model.safetensors"), load_file(back / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -108,7 +110,7 @@ def test_export_loads_in_transformers_with_same_logits_and_text(arch, tokenizer,
     assert load_checkpoint(str(back)).tokenizer.encode(PROMPTS[2]) == tok.encode(PROMPTS[2])
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if CONVERTERS[a] == "remote"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if adapter_for(a).REMOTE_CODE])
 def test_bundled_code_generates_left_padded_batches_like_single_prompts(arch, tokenizer, tmp_path):
     """modeling_smolhub.py's own attention mask and position ids, as batched generate() uses them."""
     ckpt = tiny_checkpoint(arch, tokenizer, tmp_path / "run")
@@ -120,6 +122,25 @@ def test_bundled_code_generates_left_padded_batches_like_single_prompts(arch, to
     for row, prompt in zip(batch, PROMPTS[1:]):
         single = hf_tok(prompt, return_tensors="pt")
         assert row.tolist() == hf.generate(**single, max_new_tokens=10, do_sample=False)[0, -10:].tolist()
+
+
+def test_sinusoidal_positions_export_exactly(tokenizer, tmp_path):
+    """SmolTransformer's parameter-free positions: the bundled code recomputes the checkpoint's table."""
+    from smolhub.checkpoint import load_checkpoint
+
+    ckpt = tiny_checkpoint("SmolTransformer", tokenizer, tmp_path / "run", positions="sinusoidal")
+    exported = export_checkpoint(str(ckpt), tmp_path / "hf", verify=False)
+    hf, hf_tok = load_with_transformers(exported, "SmolTransformer")
+    model = load_checkpoint(str(ckpt)).model
+    idx = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+    enc = hf_tok(PROMPTS[0], return_tensors="pt")
+    ids = torch.cat(list(generate_ids(model, enc.input_ids, SamplingConfig(max_new_tokens=16, temperature=0),
+                                      hf_tok.eos_token_id, len(hf_tok)))).tolist()
+    assert hf.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc.input_ids.size(1):].tolist() == ids
+    back = import_transformers_folder(exported, tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["model"]["positions"] == "sinusoidal"
 
 
 def test_cli_export(tokenizer, tmp_path, capsys):
@@ -148,7 +169,7 @@ def test_clear_errors(tokenizer, tmp_path):
         export_checkpoint(str(tmp_path), tmp_path / "hf")
     ckpt = tiny_checkpoint("StoryLlama", tokenizer, tmp_path / "run")
     with pytest.raises(UserError, match="not an exported model|no SmolHub config"):
-        import_export(ckpt, tmp_path / "back")  # a SmolHub checkpoint, not an export
+        import_transformers_folder(ckpt, tmp_path / "back")  # a SmolHub checkpoint, not an export
     exported = export_checkpoint(str(ckpt), tmp_path / "hf")
     with pytest.raises(UserError, match="already exists and is not empty"):
         export_checkpoint(str(ckpt), exported)
@@ -157,12 +178,12 @@ def test_clear_errors(tokenizer, tmp_path):
     config["smolhub"]["model"]["ffn_hidden"] = 192
     (exported / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="do not match"):
-        import_export(exported, tmp_path / "back")
+        import_transformers_folder(exported, tmp_path / "back")
     config["smolhub"]["model"]["ffn_hidden"] = 256
     config["intermediate_size"] = 192
     (exported / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="does not match|cannot load"):
-        import_export(exported, tmp_path / "back")
+        import_transformers_folder(exported, tmp_path / "back")
     assert not (tmp_path / "back").exists()
 
     config = json.loads((ckpt / "config.json").read_text())

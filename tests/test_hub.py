@@ -1,16 +1,21 @@
 """Hub push/pull up to the network call: the upload plan, the model card, the token's secrecy, and
 clear errors offline. (The Hub itself is unreachable from the test machines.)"""
+import ast
 import os
 import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
+import smolhub
 from conftest import script_env
 from smolhub.checkpoint import resolve_checkpoint
 from smolhub.errors import UserError
-from smolhub_hub.hub import download_checkpoint, plan_upload
+from smolhub.hub_download import download_checkpoint
+from smolhub_hub.hub import plan_upload
 from test_export import tiny_checkpoint, tiny_tokenizer
 
 FAKE_TOKEN = "hf_fakeTOKENdoNotLeak0123456789abcdef"
@@ -120,3 +125,37 @@ def test_local_folder_resolves_without_the_hub_and_unknown_repo_fails_fast(run_d
     assert time.perf_counter() - start < 60
     with pytest.raises(UserError, match="not a Hub repo id"):
         download_checkpoint("not a repo")
+
+
+CORE_WITHOUT_HUB = textwrap.dedent("""
+    import importlib, pkgutil, sys
+    import smolhub
+    from smolhub.checkpoint import resolve_checkpoint
+    from smolhub.errors import UserError
+    for module in pkgutil.walk_packages(smolhub.__path__, "smolhub."):
+        try:
+            importlib.import_module(module.name)
+        except ModuleNotFoundError as e:
+            if e.name != "triton":  # the CUDA kernels' own dependency, absent on CPU installs
+                raise
+    try:
+        resolve_checkpoint("someone/StoryLlama")  # a Hub id: the core downloads it (offline here: an error)
+    except UserError as e:
+        print(e)
+    print(sorted(name for name in sys.modules if name.partition(".")[0] == "smolhub_hub"))
+""")
+
+
+def test_the_core_never_imports_the_hub_package(tmp_path):
+    """smolhub_hub depends on smolhub, never the reverse: not at import, not lazily, not to download."""
+    proc = subprocess.run([sys.executable, "-c", CORE_WITHOUT_HUB], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(script_env(tmp_path), HF_HUB_OFFLINE="1"), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    error, hub_modules = proc.stdout.splitlines()[-2:]
+    assert error.startswith("HF_HUB_OFFLINE is set for 'someone/StoryLlama'"), proc.stdout
+    assert hub_modules == "[]", hub_modules
+    for path in Path(smolhub.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.partition(".")[0] == "smolhub_hub" for n in names), path

@@ -1,4 +1,5 @@
-"""SmolMixtral and StoryMixtral: sizes, sliding-window attention, cached decoding, MoE losses in training."""
+"""SmolMixtral and StoryMixtral: their default configs, sliding-window attention and its cache, MoE losses
+in training. The contract all five models share is in test_model_contract.py."""
 import json
 import math
 import subprocess
@@ -7,45 +8,15 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, assert_tensor_position_decoding_matches, script_env, tiny_train_args
-from smolhub.generate import SamplingConfig, generate_ids
+from conftest import REPO, SHAKESPEARE, script_env, tiny_model, tiny_train_args
 from smolhub.layers import (CausalSelfAttention, KVCache, NoisyTopKRouter, RotaryEmbedding, SlidingWindowKVCache,
                             SoftmaxTopKRouter, apply_rotary)
 from smolhub.layers.attention import attend
-from SmolMixtral.config import PRESETS as SMOL_PRESETS
 from SmolMixtral.config import SmolMixtralConfig
-from SmolMixtral.model import SmolMixtral
-from StoryMixtral.config import PRESETS as STORY_PRESETS
 from StoryMixtral.config import StoryMixtralConfig
-from StoryMixtral.model import StoryMixtral
 
-MODELS = {"SmolMixtral": (SmolMixtral, SmolMixtralConfig, SMOL_PRESETS),
-          "StoryMixtral": (StoryMixtral, StoryMixtralConfig, STORY_PRESETS)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the two shared cores, more threads oversubscribe and run ~4x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(name: str, **overrides):
-    model_cls, config_cls, presets = MODELS[name]
-    dims = {k: v for k, v in presets["tiny"].items() if k in config_cls.__dataclass_fields__}
-    return model_cls(config_cls(**{**dims, "vocab_size": 320, **overrides}))
-
-
-@pytest.mark.parametrize("name,total,active", [("SmolMixtral", 125e6, 50e6), ("StoryMixtral", 202e6, 70e6)])
-def test_parameter_counts_match_models_md(name, total, active):
-    model_cls, config_cls, _ = MODELS[name]
-    with torch.device("meta"):
-        model = model_cls(config_cls(vocab_size=32000))
-    assert abs(model.num_params() - total) / total < 0.03, model.num_params()
-    assert abs(model.num_active_params() - active) / active < 0.03, model.num_active_params()
-    assert model.lm_head.weight is model.tok_emb.weight
+MODELS = ("SmolMixtral", "StoryMixtral")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_default_configs_follow_models_md():
@@ -137,43 +108,16 @@ def test_attend_window_none_is_plain_causal():
 
 # --- the two models -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,overrides", [("SmolMixtral", {}), ("StoryMixtral", {"sliding_window": 8})])
-def test_cached_decoding_equals_full_forward(name, overrides):
-    torch.manual_seed(0)
-    model = tiny(name, **overrides).double().eval()
-    idx = torch.randint(0, 320, (2, 30))
-    full, _ = model(idx)
-    cache = model.make_kv_cache(2, 30, "cpu", torch.float64)
-    if name == "StoryMixtral":
-        assert all(isinstance(c, SlidingWindowKVCache) and c.window == 8 for c in cache)
-    logits, pos = [], 0
-    for n in [13, 5] + [1] * 12:
-        logits.append(model(idx[:, pos:pos + n], kv_cache=cache, start_pos=pos)[0])
-        pos += n
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-9, atol=1e-9)
+def test_a_window_shorter_than_the_context_gets_ring_buffer_caches():
+    model = tiny_model("StoryMixtral", sliding_window=8)
+    assert all(isinstance(c, SlidingWindowKVCache) and c.window == 8
+               for c in model.make_kv_cache(2, 30, "cpu", torch.float64))
 
 
-@pytest.mark.parametrize("name,overrides", [("SmolMixtral", {}), ("StoryMixtral", {"sliding_window": 8})])
-def test_static_shape_decoding_with_tensor_positions_equals_full_forward(name, overrides):
-    torch.manual_seed(0)
-    assert_tensor_position_decoding_matches(tiny(name, **overrides).double().eval(), 320)
-
-
-def test_greedy_generation_beyond_the_window_same_with_and_without_cache():
-    torch.manual_seed(1)
-    model = tiny("StoryMixtral", sliding_window=6).eval()
-    prompt = torch.randint(0, 320, (2, 4))
-    cached = torch.stack(list(generate_ids(model, prompt, SamplingConfig(max_new_tokens=20, temperature=0))), 1)
-    idx = prompt
-    for _ in range(20):
-        idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, idx[:, 4:])
-
-
-@pytest.mark.parametrize("name", ["SmolMixtral", "StoryMixtral"])
+@pytest.mark.parametrize("name", MODELS)
 def test_aux_loss_and_metrics_come_from_the_training_forward(name):
     torch.manual_seed(2)
-    model = tiny(name, aux_loss_weight=0.5, router_z_loss_weight=0.25)
+    model = tiny_model(name, aux_loss_weight=0.5, router_z_loss_weight=0.25)
     assert model.aux_loss() is None and model.train_metrics() == {}
     idx = torch.randint(0, 320, (2, 48))
     _, loss = model(idx, idx)
@@ -194,36 +138,20 @@ def test_aux_loss_and_metrics_come_from_the_training_forward(name):
 
 def test_noisy_routing_only_in_training():
     torch.manual_seed(3)
-    model = tiny("SmolMixtral")
+    model = tiny_model("SmolMixtral")
     idx = torch.randint(0, 320, (2, 32))
     model.eval()
     assert torch.equal(model(idx)[0], model(idx)[0])
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])
     assert all(type(b.moe.router) is NoisyTopKRouter for b in model.blocks)
-    assert all(type(b.moe.router) is SoftmaxTopKRouter for b in tiny("SmolMixtral", noisy_routing=False).blocks)
+    assert all(type(b.moe.router) is SoftmaxTopKRouter for b in tiny_model("SmolMixtral", noisy_routing=False).blocks)
 
 
-@pytest.mark.parametrize("name", ["SmolMixtral", "StoryMixtral"])
-def test_gradient_checkpointing_gives_same_gradients(name):
-    """Training mode: the recomputation replays the router noise, so gradients match exactly."""
-    idx = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(4))
-    grads = []
-    for ckpt in (False, True):
-        torch.manual_seed(5)
-        model = tiny(name, grad_checkpointing=ckpt).double()
-        torch.manual_seed(6)
-        _, loss = model(idx, idx)
-        (loss + model.aux_loss()).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", ["SmolMixtral", "StoryMixtral"])
+@pytest.mark.parametrize("name", MODELS)
 def test_expert_weights_get_the_residual_init(name):
     torch.manual_seed(7)
-    model = tiny(name, n_layer=8)
+    model = tiny_model(name, n_layer=8)
     experts = model.blocks[0].moe.experts
     assert experts.gate_up.std().item() == pytest.approx(0.02, rel=0.05)
     assert experts.down.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # 1/sqrt(2 * 8 layers)
@@ -267,7 +195,7 @@ def test_balancing_loss_acts_on_a_collapsing_router():
     switch = {}
     for weight in (0.0, 0.01):
         torch.manual_seed(0)
-        model = tiny("StoryMixtral", vocab_size=256, block_size=64, aux_loss_weight=weight)
+        model = tiny_model("StoryMixtral", vocab_size=256, block_size=64, aux_loss_weight=weight)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
         g = torch.Generator().manual_seed(0)
         switch[weight] = []

@@ -10,13 +10,7 @@ from smolhub.layers.moe import (drop_over_capacity, expert_counts, inverse_permu
                                switch_balance_loss, top_k_indices)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the two shared cores, more threads oversubscribe and run ~4x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_token_reference(experts: GroupedExperts, x, expert_idx, weights):

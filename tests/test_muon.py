@@ -4,26 +4,14 @@ import copy
 import pytest
 import torch
 
+from conftest import tiny_model
 from smolhub.config import TrainConfig
 from smolhub.errors import UserError
 from smolhub.muon import Muon, MuonWithAdamW, orthogonalize
 from smolhub.optim import build_optimizer, build_scheduler
-from StoryKimi.config import PRESETS, StoryKimiConfig
-from StoryKimi.model import StoryKimi
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread only adds synchronisation, 20x slower on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_kimi() -> StoryKimi:
-    dims = {k: v for k, v in PRESETS["tiny"].items() if k in StoryKimiConfig.__dataclass_fields__}
-    return StoryKimi(StoryKimiConfig(**dims, vocab_size=320))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("shape", [(48, 24), (24, 48), (32, 32)], ids=["tall", "wide", "square"])
@@ -84,7 +72,7 @@ def test_update_is_orthogonalised(dtype):
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
-    model = tiny_kimi()
+    model = tiny_model("StoryKimi")
     opt = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), "cpu")
     assert isinstance(opt, MuonWithAdamW)
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
@@ -121,7 +109,7 @@ def test_one_optimizer_to_the_engine_scheduler_scaler_and_resume():
 
     def setup():
         torch.manual_seed(3)
-        model = tiny_kimi().train()
+        model = tiny_model("StoryKimi").train()
         opt = build_optimizer(model, cfg, "cpu")
         return model, opt, build_scheduler(opt, cfg), torch.amp.GradScaler("cpu", init_scale=1024.0)
 

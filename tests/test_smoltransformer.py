@@ -1,5 +1,6 @@
-"""SmolTransformer: size, block structure against a hand-written GPT, learned-position limits, cached
-decoding, gradient checkpointing, and a real tiny run with the GPT-2 tokenizer on prepared data."""
+"""SmolTransformer: its default shape, the FLOPs count, block structure against a hand-written GPT,
+learned and sinusoidal position limits, and a real tiny run with the GPT-2 tokenizer on prepared data.
+The contract all five models share is in test_model_contract.py."""
 import json
 import math
 
@@ -8,25 +9,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import GPT2_DIR, SHAKESPEARE
+from conftest import GPT2_DIR, SHAKESPEARE, tiny_model
 from smolhub.errors import UserError
-from smolhub.generate import SamplingConfig, generate_ids, stream_text
-from smolhub.tokenizer import gpt2_tokenizer
-from SmolTransformer.config import PRESETS, SmolTransformerConfig
+from smolhub.generate import SamplingConfig, generate_ids
+from SmolTransformer.config import SmolTransformerConfig
 from SmolTransformer.model import SmolTransformer
 
 
-def tiny_config(**overrides) -> SmolTransformerConfig:
-    dims = {k: v for k, v in PRESETS["tiny"].items() if k in SmolTransformerConfig.__dataclass_fields__}
-    return SmolTransformerConfig(**{**dims, "vocab_size": 320, **overrides})
-
-
-def test_default_parameter_count_matches_models_md():
-    with torch.device("meta"):
-        model = SmolTransformer(SmolTransformerConfig(vocab_size=50304))
-    assert abs(model.num_params() - 153e6) / 153e6 < 0.03, model.num_params()
-    cfg = model.config
+def test_default_config_follows_models_md():
+    cfg = SmolTransformerConfig(vocab_size=50304)
     assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.block_size, cfg.ffn_hidden) == (768, 16, 12, 1024, 3072)
+    assert cfg.positions == "learned"
 
 
 def test_flops_per_token_is_nanogpts_estimate_at_the_gpt2_shape():
@@ -42,7 +35,7 @@ def test_flops_per_token_is_nanogpts_estimate_at_the_gpt2_shape():
 
 
 def test_classic_gpt_layout():
-    model = SmolTransformer(tiny_config())
+    model = tiny_model("SmolTransformer")
     assert model.lm_head.weight is model.tok_emb.weight
     assert model.pos_emb.weight.shape == (128, 128)
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
@@ -75,7 +68,7 @@ def reference_forward(model: SmolTransformer, idx: torch.Tensor) -> torch.Tensor
 
 def test_forward_matches_a_plain_gpt():
     torch.manual_seed(0)
-    model = SmolTransformer(tiny_config()).eval()
+    model = tiny_model("SmolTransformer").eval()
     for p in model.parameters():  # norms start at 1: give them values a wrong formula would show
         if p.dim() == 1:
             nn.init.uniform_(p, 0.5, 1.5)
@@ -88,21 +81,8 @@ def test_forward_matches_a_plain_gpt():
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_cached_decoding_equals_full_forward():
-    torch.manual_seed(1)
-    model = SmolTransformer(tiny_config()).double().eval()
-    idx = torch.randint(0, 320, (2, 40))
-    full, _ = model(idx)
-    cache = model.make_kv_cache(2, 40, "cpu", torch.float64)
-    logits = [model(idx[:, :20], kv_cache=cache, start_pos=0)[0],
-              model(idx[:, 20:27], kv_cache=cache, start_pos=20)[0]]  # a chunk appended to a cache
-    for t in range(27, 40):
-        logits.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=t)[0])
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-9, atol=1e-9)
-
-
 def test_longer_than_the_context_is_refused_not_wrapped():
-    model = SmolTransformer(tiny_config(block_size=32)).eval()
+    model = tiny_model("SmolTransformer", block_size=32).eval()
     model(torch.zeros(1, 32, dtype=torch.long))  # exactly the context is fine
     with pytest.raises(ValueError, match="beyond the 32 learned positions"):
         model(torch.zeros(1, 33, dtype=torch.long))
@@ -112,9 +92,32 @@ def test_longer_than_the_context_is_refused_not_wrapped():
         model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache, start_pos=30)
 
 
+def test_sinusoidal_positions_train_refuse_beyond_the_context_and_hold_no_weights():
+    """config.positions = "sinusoidal": the fixed table replaces the learned one (block_size x n_embd
+    fewer parameters, none of them in a checkpoint, no FLOPs either way), has the same limit, and a
+    tiny model learns with it. Its cached decoding is in test_model_contract.py."""
+    learned, model = tiny_model("SmolTransformer"), tiny_model("SmolTransformer", positions="sinusoidal", block_size=32)
+    assert learned.num_params() - tiny_model("SmolTransformer", positions="sinusoidal").num_params() == 128 * 128
+    assert model.lookup_params() == 0 and not any(k.startswith("pos_emb") for k in model.state_dict())
+    assert model.flops_per_token(32) == tiny_model("SmolTransformer", block_size=32).flops_per_token(32)
+    with pytest.raises(ValueError, match="beyond the 32 positions"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    torch.manual_seed(0)
+    batch = torch.randint(0, 320, (4, 33))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] > 5.5 and losses[-1] < losses[0] - 2.0, losses
+
+
 def test_generation_crops_the_prompt_to_the_context():
     torch.manual_seed(2)
-    model = SmolTransformer(tiny_config(block_size=32)).eval()
+    model = tiny_model("SmolTransformer", block_size=32).eval()
     prompt = torch.randint(0, 320, (2, 50))
     out = torch.stack(list(generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0))), 1)
     assert out.shape == (2, 12)
@@ -128,35 +131,6 @@ def test_generation_crops_the_prompt_to_the_context():
     assert torch.equal(out, idx[:, 20:])
     with pytest.raises(UserError, match="must be below the model's context"):
         next(generate_ids(model, prompt, SamplingConfig(max_new_tokens=32)))
-
-
-def test_padding_ids_are_never_sampled():
-    tok = gpt2_tokenizer(str(GPT2_DIR))
-    torch.manual_seed(3)
-    model = SmolTransformer(tiny_config(vocab_size=50304, n_embd=64, n_head=2, ffn_hidden=256)).eval()
-    # an untrained padding row can score high; make all 47 of them win by far
-    model.lm_head.register_forward_hook(lambda m, args, out: out.index_add(
-        -1, torch.arange(len(tok), 50304), torch.full((47,), 50.0).expand(*out.shape[:-1], 47)))
-    prompt = torch.tensor([tok.encode("Hello world")])
-    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=0, stop_at_eos=False)
-    assert int(torch.stack(list(generate_ids(model, prompt, cfg))).min()) >= len(tok)  # the hook bites
-    ids = torch.stack(list(generate_ids(model, prompt, cfg, vocab_limit=len(tok))))
-    assert int(ids.max()) < len(tok)
-    assert "".join(stream_text(model, tok, "Hello world", cfg))  # stream_text masks them too
-
-
-def test_gradient_checkpointing_gives_same_gradients():
-    torch.manual_seed(4)
-    idx = torch.randint(0, 320, (2, 16))
-    grads = []
-    for ckpt in (False, True):
-        torch.manual_seed(5)
-        model = SmolTransformer(tiny_config(grad_checkpointing=ckpt, dropout=0.0)).double()
-        _, loss = model(idx, idx)
-        loss.backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_prepared_data_then_tiny_run_with_real_gpt2_tokenizer(tmp_path, capsys):
@@ -188,7 +162,7 @@ def test_prepared_data_then_tiny_run_with_real_gpt2_tokenizer(tmp_path, capsys):
     assert result["val_loss"] == val[-1]
 
     model = load_model(str(out), device="cpu")
-    assert type(model).__name__ == "SmolTransformer" and model.config.vocab_size == 50304
+    assert type(model.model).__name__ == "SmolTransformer" and model.model.config.vocab_size == 50304
     assert model.tokenizer.encode("Hello world") == [15496, 995]
     text = generate_text(model=model, prompt="ROMEO:", max_length=20, temperature=0.8, seed=0)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
@@ -199,7 +173,8 @@ def test_trainer_flags_and_default_dataset(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         train_main(["--help"])
-    assert "--grad_checkpointing" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert "--grad_checkpointing" in help_text and "--positions {learned,sinusoidal}" in help_text
     # the default dataset is FineWeb-Edu streamed from the Hub: unreachable here, so the fix is named
     with pytest.raises(UserError, match=r"HuggingFaceFW/fineweb-edu.*--dataset path/to/file"):
         train_main(["--preset", "tiny", "--tokenizer", str(GPT2_DIR), "--data_dir", str(tmp_path / "d"),

@@ -1,27 +1,29 @@
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
+from conftest import GPT2_DIR, SHAKESPEARE
 from smolhub.errors import UserError
 from smolhub.tokenizer import (EOS, MODEL_MAX_LENGTH, build_tokenizer, gpt2_tokenizer, hub_reachable,
                                load_tokenizer, tokenizer_fingerprint, train_bpe)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-GPT2 = SHARED / "gpt2"
-SHAKESPEARE = (SHARED / "tinyshakespeare" / "input.txt").read_text()
 TRICKY = "Hello , world . It's  two  spaces\n\n\ttab, ünïcödé 😀 don 't <|endoftext|>after"
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    return gpt2_tokenizer(str(GPT2))
+    return gpt2_tokenizer(str(GPT2_DIR))
 
 
 @pytest.fixture(scope="module")
-def bpe():
-    return train_bpe([SHAKESPEARE], 1000)
+def shakespeare() -> str:
+    return SHAKESPEARE.read_text()
+
+
+@pytest.fixture(scope="module")
+def bpe(shakespeare):
+    return train_bpe([shakespeare], 1000)
 
 
 def test_gpt2_from_vocab_and_merges(gpt2):
@@ -42,7 +44,7 @@ def test_gpt2_saved_folder_and_build_tokenizer_agree(gpt2, tmp_path):
         assert tok.eos_token_id == 50256
         assert tok.model_max_length == MODEL_MAX_LENGTH
         assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(gpt2)
-    from_vocab = build_tokenizer(str(GPT2), lambda: [], 0, str(tmp_path / "c"))
+    from_vocab = build_tokenizer(str(GPT2_DIR), lambda: [], 0, str(tmp_path / "c"))
     assert from_vocab("Hello world")["input_ids"] == [15496, 995]
 
 
@@ -79,14 +81,14 @@ def test_bad_tokenizer_specs(tmp_path):
         gpt2_tokenizer(str(tmp_path / "vocab.json"))
 
 
-def test_trained_bpe_round_trips_and_is_deterministic(bpe, tmp_path):
+def test_trained_bpe_round_trips_and_is_deterministic(bpe, shakespeare, tmp_path):
     assert len(bpe) == 1000
     assert bpe.eos_token == EOS and bpe.eos_token_id == 0
-    ids = bpe(SHAKESPEARE[:20_000])["input_ids"]
-    assert bpe.decode(ids) == SHAKESPEARE[:20_000]
+    ids = bpe(shakespeare[:20_000])["input_ids"]
+    assert bpe.decode(ids) == shakespeare[:20_000]
     assert len(ids) < 20_000 / 2  # it learned merges, not just bytes
     assert bpe.decode(bpe(TRICKY)["input_ids"]) == TRICKY  # unseen characters go through bytes
-    assert tokenizer_fingerprint(train_bpe([SHAKESPEARE], 1000)) == tokenizer_fingerprint(bpe)
+    assert tokenizer_fingerprint(train_bpe([shakespeare], 1000)) == tokenizer_fingerprint(bpe)
     bpe.save_pretrained(tmp_path)
     loaded = load_tokenizer(tmp_path)
     assert loaded(TRICKY)["input_ids"] == bpe(TRICKY)["input_ids"]
@@ -98,12 +100,12 @@ def test_bpe_vocab_too_small():
         train_bpe(["abc"], 256)
 
 
-def test_build_bpe_is_cached(tmp_path, bpe):
+def test_build_bpe_is_cached(tmp_path, bpe, shakespeare):
     calls = []
 
     def texts():
         calls.append(1)
-        return [SHAKESPEARE]
+        return [shakespeare]
 
     first = build_tokenizer("bpe", texts, 1000, str(tmp_path), cache_key="shakespeare")
     second = build_tokenizer("bpe", texts, 1000, str(tmp_path), cache_key="shakespeare")

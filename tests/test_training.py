@@ -1,6 +1,5 @@
 """End-to-end training of StoryLlama's tiny preset on real text: learning, resume, DDP, kills, errors."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHAKESPEARE, run_script, script_env, tiny_train_args
+from conftest import REPO, run_script, script_env, tiny_train_args
 from smolhub.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_trainer_state
 from smolhub.config import TrainConfig
 from smolhub.errors import UserError
-from smolhub.train import Runtime, use_cuda_graphs
+from smolhub.runtime import Runtime
+from smolhub.train import use_cuda_graphs
 
 LLAMA = REPO / "StoryLlama"
 
@@ -205,8 +205,8 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
 
 def test_samples_during_a_mixed_precision_run(tmp_path):
     """The periodic samples of a bf16-autocast run (as every GPU run is) come at their interval and the
-    run goes on. (On a GPU the first one used to crash the run: test_layers.py's cache-dtype test
-    holds that bug; the CPU decodes another way.)"""
+    run goes on. (On a GPU the sample's bf16 keys/values meet the CUDA-graph decoder's cache:
+    test_layers.py's cache-dtype test covers that path; the CPU decodes another way.)"""
     out = tmp_path / "out"
     proc = run_script(tiny_train_args(out, tmp_path / "data", "--dtype", "bfloat16", "--max_steps", "4",
                                       "--sample_interval", "2", "--eval_interval", "4", "--eval_batches", "2"),

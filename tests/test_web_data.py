@@ -132,7 +132,7 @@ def test_prepare_command_line(tmp_path, corpus, tok, capsys):
     assert "20,000 train and" in out
     assert f"--dataset {path} --val_fraction 0.1 --max_tokens 20000 --tokenizer {GPT2_DIR} --data_dir {cache}" in out
     folder = training_data(TrainConfig(dataset=str(path), val_fraction=0.1, max_tokens=20_000, data_dir=str(cache)),
-                           tok).folder
+                           tok, block_size=512).folder
     assert sorted(p.name for p in cache.iterdir()) == [Path(folder).name]
     with pytest.raises(UserError, match="HuggingFaceFW/fineweb-edu.*--dataset path/to/file"):
         prepare_main(["prepare", "--dataset", "fineweb-edu", "--tokenizer", str(GPT2_DIR), "--data_dir", str(cache)])

@@ -15,23 +15,14 @@ import argparse
 import dataclasses
 import re
 import shlex
-import typing
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from smolhub.cli import run_main
-from smolhub.config import TrainConfig, _Parser
-from smolhub.data.prepare import training_data, training_tokenizer
+from smolhub.cli import Command, parse_command, run_main
+from smolhub.config import TrainConfig, option
+from smolhub.data.prepare import HELD_OUT_WINDOW, training_data, training_tokenizer
 
-# the TrainConfig fields that decide what is prepared (and where); each becomes a flag
-FIELDS = ("dataset", "val_dataset", "val_fraction", "max_tokens", "tokenizer", "bpe_vocab_size", "data_dir",
-          "num_proc")
-REQUIRED = ("dataset", "tokenizer")  # the trainer takes these from the model; here they must be said
-HELP = {  # where this command differs from the trainer's flag of the same name
-    "tokenizer": "gpt2 | bpe | a folder with a saved tokenizer or GPT-2 vocab.json+merges.txt: the one the "
-                 "model trains with (gpt2 for SmolTransformer and StoryLlama).",
-    "max_tokens": "Cap on the training tokens prepared, e.g. 5000, 100M, 1B (0 = all).",
-}
 _SCALE = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "G": 10 ** 9, "T": 10 ** 12}
 
 
@@ -44,34 +35,50 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m smolhub.data", description="Data preparation ahead of training.")
-    commands = parser.add_subparsers(dest="command", required=True, title="commands")
-    prepare = commands.add_parser(
-        "prepare", description="Tokenise a dataset into the cache the trainer reads (resumable).",
-        help="tokenise a dataset into the cache the trainer reads")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    types = typing.get_type_hints(TrainConfig)
-    for name in FIELDS:
-        f = fields[name]
-        kind = parse_count if name == "max_tokens" else types[name]
-        required = name in REQUIRED
-        default = "" if required else f" (default: {f.default})"
-        prepare.add_argument(f"--{name}", type=kind, required=required, default=None if required else f.default,
-                             help=f"{HELP.get(name, f.metadata['help'])}{default}")
-    return parser
+def _trainer_flag(name: str, help: str = "", **kwargs):
+    """The trainer's flag `name` (TrainConfig's field), with this command's own help where it differs."""
+    f = TrainConfig.__dataclass_fields__[name]
+    return option(f.default, help or f.metadata["help"], **kwargs)
+
+
+@dataclass
+class PrepareArgs:
+    """The TrainConfig fields that decide what is prepared (and where), in the trainer's order."""
+
+    dataset: str = _trainer_flag("dataset", required=True)  # the trainer takes it from the model; here it is said
+    val_dataset: str = _trainer_flag("val_dataset")
+    val_fraction: float = _trainer_flag("val_fraction")
+    max_tokens: int = _trainer_flag("max_tokens", "Cap on the training tokens prepared, e.g. 5000, 100M, 1B (0 = all).",
+                                  type=parse_count)
+    tokenizer: str = _trainer_flag("tokenizer", "gpt2 | bpe | a folder with a saved tokenizer or GPT-2 "
+                                 "vocab.json+merges.txt: the one the model trains with (gpt2 for SmolTransformer "
+                                 "and StoryLlama, bpe for the others).", required=True)
+    bpe_vocab_size: int = _trainer_flag("bpe_vocab_size")
+    data_dir: str = _trainer_flag("data_dir")
+    num_proc: int = _trainer_flag("num_proc")
+    block_size: int = option(HELD_OUT_WINDOW, "Context length of the model that trains on it: a held-out "
+                             f"validation tail keeps one window of it, or of {HELD_OUT_WINDOW} tokens when shorter "
+                             f"(so one preparation serves every model up to {HELD_OUT_WINDOW}).")
+
+
+COMMANDS = {"prepare": Command((PrepareArgs,), help="Tokenise a dataset into the cache the trainer reads "
+                                                    "(resumable).")}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**{name: getattr(args, name) for name in FIELDS})
-    tokenizer = training_tokenizer(cfg, cfg.tokenizer)
-    data = training_data(cfg, tokenizer)
+    _, (args,) = parse_command(COMMANDS, argv, prog="python -m smolhub.data",
+                               description="Data preparation ahead of training.")
+    data_flags = {name: value for name, value in dataclasses.asdict(args).items() if name != "block_size"}
+    cfg = TrainConfig(**data_flags)
+    tokenizer = training_tokenizer(cfg)
+    data = training_data(cfg, tokenizer, args.block_size)
     print(f"{data.n_train_tokens:,} train and {data.n_val_tokens:,} validation tokens in {data.folder}")
     defaults = TrainConfig()
-    flags = {name: getattr(cfg, name) for name in FIELDS if name != "num_proc"
-             and (name in REQUIRED or getattr(cfg, name) != getattr(defaults, name))}
+    flags = {name: value for name, value in data_flags.items() if name != "num_proc"
+             and (name in ("dataset", "tokenizer") or value != getattr(defaults, name))}
     flags["data_dir"] = Path(cfg.data_dir).expanduser().resolve()
+    if args.block_size > HELD_OUT_WINDOW:
+        flags["block_size"] = args.block_size
     print("train on it with: trainer.py " + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in flags.items()))
 
 

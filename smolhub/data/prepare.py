@@ -39,6 +39,7 @@ from smolhub.tokenizer import build_tokenizer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1  # bump when the layout or the tokenisation rules change, to invalidate caches
 SHARD_TOKENS = 100_000_000
+HELD_OUT_WINDOW = 1024  # a run's held-out validation is never shorter than one window of this many tokens
 _BATCH_DOCS, _BATCH_CHARS = 1024, 4_000_000  # one tokenizer call: parallel across docs, bounded RAM
 
 
@@ -284,37 +285,57 @@ class _TooLittleData(UserError):
     """The whole dataset is too small: no rerun of the same build can succeed."""
 
 
-def _build(tmp: Path, dataset: str, tokenizer, fingerprint: str, cache_dir: str, val_dataset: str | None,
-           held_out: bool, val_fraction: float, max_tokens: int | None, block_size: int,
-           shard_tokens: int, progress: _Progress, num_proc: int) -> None:
+@dataclass(frozen=True)
+class _Request:
+    """One preparation: where the documents come from, how validation is made, and how much to write."""
+
+    dataset: str
+    cache_dir: str
+    val_dataset: str | None
+    held_out: bool  # validation is the tail of the dataset's own tokens
+    val_fraction: float
+    max_tokens: int | None
+    block_size: int
+    shard_tokens: int
+    num_proc: int
+
+    def key(self, fingerprint: str) -> str:
+        """Everything that decides the tokens written: equal keys, equal folders."""
+        return json.dumps({
+            "format": FORMAT_VERSION,
+            "dataset": dataset_identity(self.dataset),
+            "val_dataset": dataset_identity(self.val_dataset) if self.val_dataset else None,
+            # the held-out size only matters when validation is held out of the train tokens
+            "val_fraction": self.val_fraction if self.held_out else None,
+            "block_size": self.block_size if self.held_out else None,
+            "max_tokens": self.max_tokens,
+            "shard_tokens": self.shard_tokens,
+            "tokenizer": fingerprint,
+        })
+
+    def documents(self, dataset: str, split: str = "train") -> Callable[[], Iterable[str]]:
+        return partial(iter_documents, dataset, split, cache_dir=self.cache_dir)
+
+
+def _build(tmp: Path, req: _Request, tokenizer, fingerprint: str, progress: _Progress) -> None:
     vocab_size = len(tokenizer)
     dtype = "uint16" if vocab_size < 2 ** 16 else "uint32"
-    train = _ShardWriter(tmp, "train", dtype, shard_tokens)
-    val = _ShardWriter(tmp, "val", dtype, shard_tokens)
-    documents = partial(iter_documents, dataset, cache_dir=cache_dir)
-    if held_out:
-        # read just enough that holding out val_fraction of it leaves max_tokens for training
-        limit = None if max_tokens is None else max(math.ceil(max_tokens / (1 - val_fraction)),
-                                                    max_tokens + block_size + 1)
-        _tokenize(documents, tokenizer, train, limit, f"tokenising {dataset}", progress, "train", num_proc)
-        n_val = max(math.ceil(val_fraction * train.n_tokens), block_size + 1)
-        if train.n_tokens - n_val < block_size + 1:
-            raise _TooLittleData(
-                f"{dataset} has only {train.n_tokens} tokens, too few to hold out {n_val} for "
-                f"validation and keep {block_size + 1} for training: use more data, a smaller "
-                f"block size, or a separate validation dataset")
-        _split_tail(tmp, train, val, min(train.n_tokens - n_val, max_tokens or train.n_tokens), n_val, progress)
+    train = _ShardWriter(tmp, "train", dtype, req.shard_tokens)
+    val = _ShardWriter(tmp, "val", dtype, req.shard_tokens)
+    if req.held_out:
+        _hold_out_tail(tmp, req, tokenizer, train, val, progress)
     else:
-        _tokenize(documents, tokenizer, train, max_tokens, f"tokenising {dataset}", progress, "train", num_proc)
-        val_source = val_dataset or dataset
+        _tokenize(req.documents(req.dataset), tokenizer, train, req.max_tokens, f"tokenising {req.dataset}",
+                  progress, "train", req.num_proc)
+        val_source = req.val_dataset or req.dataset
         val_split = "validation" if has_validation_split(val_source) else "train"
-        _tokenize(partial(iter_documents, val_source, val_split, cache_dir=cache_dir), tokenizer, val, None,
-                  f"tokenising {val_source} ({val_split})", progress, "val", num_proc)
+        _tokenize(req.documents(val_source, val_split), tokenizer, val, None,
+                  f"tokenising {val_source} ({val_split})", progress, "val", req.num_proc)
     (tmp / "meta.json").write_text(json.dumps({
         "format": FORMAT_VERSION,
-        "dataset": dataset,
-        "val_dataset": val_dataset,
-        "val_from": "held-out tail of train" if held_out else "validation documents",
+        "dataset": req.dataset,
+        "val_dataset": req.val_dataset,
+        "val_from": "held-out tail of train" if req.held_out else "validation documents",
         "tokenizer_fingerprint": fingerprint,
         "vocab_size": vocab_size,
         "eos_id": tokenizer.eos_token_id,
@@ -324,6 +345,25 @@ def _build(tmp: Path, dataset: str, tokenizer, fingerprint: str, cache_dir: str,
         "train_shards": train.names,
         "val_shards": val.names,
     }, indent=2))
+
+
+def _hold_out_tail(tmp: Path, req: _Request, tokenizer, train: _ShardWriter, val: _ShardWriter,
+                   progress: _Progress) -> None:
+    """Tokenise the dataset into `train`, then move its last val_fraction (at least one window of
+    block_size + 1 tokens) to `val`."""
+    window = req.block_size + 1
+    max_tokens = req.max_tokens
+    # read just enough that holding out val_fraction of it leaves max_tokens for training
+    limit = None if max_tokens is None else max(math.ceil(max_tokens / (1 - req.val_fraction)), max_tokens + window)
+    _tokenize(req.documents(req.dataset), tokenizer, train, limit, f"tokenising {req.dataset}", progress, "train",
+              req.num_proc)
+    n_val = max(math.ceil(req.val_fraction * train.n_tokens), window)
+    if train.n_tokens - n_val < window:
+        raise _TooLittleData(
+            f"{req.dataset} has only {train.n_tokens} tokens, too few to hold out {n_val} for "
+            f"validation and keep {window} for training: use more data, a smaller "
+            f"block size, or a separate validation dataset")
+    _split_tail(tmp, train, val, min(train.n_tokens - n_val, max_tokens or train.n_tokens), n_val, progress)
 
 
 @contextlib.contextmanager
@@ -353,7 +393,7 @@ def _exclusive(path: Path):
 
 def prepare_dataset(dataset: str, tokenizer: PreTrainedTokenizerFast, cache_dir: str, *,
                     val_dataset: str | None = None, val_fraction: float = 0.01,
-                    max_tokens: int | None = None, block_size: int = 1024,
+                    max_tokens: int | None = None, block_size: int = HELD_OUT_WINDOW,
                     shard_tokens: int = SHARD_TOKENS, num_proc: int = 1) -> PreparedData:
     """Tokenise `dataset` (see `iter_documents`) into shards under `cache_dir`, or reuse them.
 
@@ -369,18 +409,10 @@ def prepare_dataset(dataset: str, tokenizer: PreTrainedTokenizerFast, cache_dir:
     held_out = val_dataset is None and not has_validation_split(dataset)
     if held_out and not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+    req = _Request(dataset, cache_dir, val_dataset, held_out, val_fraction, max_tokens, block_size, shard_tokens,
+                   num_proc)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    key = json.dumps({
-        "format": FORMAT_VERSION,
-        "dataset": dataset_identity(dataset),
-        "val_dataset": dataset_identity(val_dataset) if val_dataset else None,
-        # the held-out size only matters when validation is held out of the train tokens
-        "val_fraction": val_fraction if held_out else None,
-        "block_size": block_size if held_out else None,
-        "max_tokens": max_tokens,
-        "shard_tokens": shard_tokens,
-        "tokenizer": fingerprint,
-    })
+    key = req.key(fingerprint)
     cache = Path(cache_dir).expanduser()
     folder = cache / f"{Path(dataset).name or 'data'}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if (folder / "meta.json").is_file():
@@ -397,8 +429,7 @@ def prepare_dataset(dataset: str, tokenizer: PreTrainedTokenizerFast, cache_dir:
             print(f"continuing the unfinished preparation in {unfinished} "
                   f"({progress.documents():,} documents already written)", file=sys.stderr)
         try:
-            _build(unfinished, dataset, tokenizer, fingerprint, cache_dir, val_dataset, held_out, val_fraction,
-                   max_tokens, block_size, shard_tokens, progress, num_proc)
+            _build(unfinished, req, tokenizer, fingerprint, progress)
         except BaseException as e:
             if progress.documents() and _rerun_can_finish(e, dataset, val_dataset):
                 print(f"preparation stopped; the {progress.documents():,} documents written so far are kept "
@@ -421,17 +452,24 @@ def _rerun_can_finish(error: BaseException, dataset: str, val_dataset: str | Non
     return not isinstance(error, UserError) or dataset in HUB_DATASETS or val_dataset in HUB_DATASETS
 
 
-def training_tokenizer(cfg: TrainConfig, default_tokenizer: str) -> PreTrainedTokenizerFast:
-    """The tokenizer a new run of `cfg` uses: --tokenizer, or the model's default; a BPE trained on
-    --dataset is cached in --data_dir."""
-    return build_tokenizer(cfg.tokenizer or default_tokenizer, texts=lambda: iter_documents(cfg.dataset),
+def training_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerFast:
+    """The tokenizer a new run of `cfg` uses (--tokenizer); a BPE trained on --dataset is cached in
+    --data_dir."""
+    if not cfg.tokenizer:
+        raise UserError("no tokenizer given: pass --tokenizer gpt2, bpe or a tokenizer folder")
+    return build_tokenizer(cfg.tokenizer, texts=lambda: iter_documents(cfg.dataset),
                            bpe_vocab_size=cfg.bpe_vocab_size, cache_dir=cfg.data_dir,
                            cache_key=dataset_identity(cfg.dataset))
 
 
-def training_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> PreparedData:
-    """`prepare_dataset` with a run's flags. The trainer and `python -m smolhub.data prepare` both
-    call this, so a preparation made ahead of training lands in the cache folder the run reads."""
+def training_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast, block_size: int) -> PreparedData:
+    """`prepare_dataset` with a run's flags, for a model of context `block_size`. The trainer and
+    `python -m smolhub.data prepare` both call this, so a preparation made ahead of training lands
+    in the cache folder the run reads.
+
+    A held-out validation tail keeps at least one window of max(block_size, HELD_OUT_WINDOW)
+    tokens: every model of context up to HELD_OUT_WINDOW then reads the same preparation (prepared
+    once, for any of them), and a longer-context model gets a tail it can evaluate on."""
     return prepare_dataset(cfg.dataset, tokenizer, cfg.data_dir, val_dataset=cfg.val_dataset or None,
                            val_fraction=cfg.val_fraction, max_tokens=cfg.max_tokens or None,
-                           num_proc=cfg.num_proc)
+                           block_size=max(block_size, HELD_OUT_WINDOW), num_proc=cfg.num_proc)

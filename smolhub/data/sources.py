@@ -125,8 +125,8 @@ def _local_documents(files: list[Path]) -> Iterator[str]:
 
 def _hub_documents(name: str, split: str) -> Iterator[str]:
     repo, config, val_split = HUB_DATASETS[name]
-    hint = (f"download it where the Hub is reachable and pass --dataset path/to/file "
-            f"(.txt/.jsonl/.parquet, or a folder of them)")
+    hint = ("download it where the Hub is reachable and pass --dataset path/to/file "
+            "(.txt/.jsonl/.parquet, or a folder of them)")
     if not hub_reachable():
         raise UserError(f"cannot reach the Hugging Face Hub to stream {repo} "
                         f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}): {hint}")

@@ -189,8 +189,8 @@ class CausalSelfAttention(nn.Module):
     limits each query to the last `window` positions, itself included (Mistral's sliding window).
     """
 
-    def __init__(self, dim: int, n_head: int, n_kv_heads: int | None = None, bias: bool = False,
-                 dropout: float = 0.0, window: int | None = None):
+    def __init__(self, dim: int, n_head: int, n_kv_heads: int | None = None, dropout: float = 0.0,
+                 window: int | None = None):
         super().__init__()
         n_kv_heads = n_kv_heads or n_head
         if n_head % n_kv_heads:
@@ -199,8 +199,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"the attention window must be positive, got {window}")
         self.window = window
         self.n_head, self.n_kv_heads, self.head_dim = n_head, n_kv_heads, dim // n_head
-        self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.out = nn.Linear(n_head * self.head_dim, dim, bias=bias)
+        self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_head * self.head_dim, dim, bias=False)
         self.out.residual_init = True
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)

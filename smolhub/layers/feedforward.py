@@ -7,10 +7,10 @@ import torch.nn.functional as F
 class GeluMLP(nn.Module):
     """GPT-2's MLP: Linear -> GELU (tanh approximation) -> Linear."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.up = nn.Linear(dim, hidden, bias=bias)
-        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
         self.down.residual_init = True
         self.dropout = nn.Dropout(dropout)
 
@@ -21,11 +21,11 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer, 2020). gate and up are one matmul of twice the width."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.hidden = hidden
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
-        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
         self.down.residual_init = True
         self.dropout = nn.Dropout(dropout)
 

@@ -17,12 +17,11 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm with an optional bias, normalising in fp32."""
+    """LayerNorm (with its bias), normalising in fp32."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__(dim, eps=eps, bias=bias)
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float()
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).type_as(x)

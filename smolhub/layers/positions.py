@@ -136,7 +136,8 @@ class LearnedPositionalEmbedding(nn.Embedding):
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
-    """The fixed sin/cos positions of "Attention Is All You Need"."""
+    """The fixed sin/cos positions of "Attention Is All You Need": no parameters, the same limit as
+    the learned table (positions up to the context length)."""
 
     def __init__(self, max_seq_len: int, dim: int):
         super().__init__()
@@ -147,7 +148,10 @@ class SinusoidalPositionalEmbedding(nn.Module):
         table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
         self.register_buffer("table", table.float(), persistent=False)
 
-    def forward(self, start_pos: int, seq_len: int) -> torch.Tensor:
+    def forward(self, start_pos: int | torch.Tensor, seq_len: int) -> torch.Tensor:
+        if isinstance(start_pos, torch.Tensor):  # compiled decoding: a gather keeps the shapes static
+            return self.table[start_pos + torch.arange(seq_len, device=self.table.device)]
         if start_pos + seq_len > self.table.size(0):
-            raise ValueError(f"positions up to {start_pos + seq_len} exceed the table ({self.table.size(0)})")
+            raise ValueError(f"sequence reaches position {start_pos + seq_len}, beyond the "
+                             f"{self.table.size(0)} positions (the context length)")
         return self.table[start_pos:start_pos + seq_len]

@@ -1,6 +1,6 @@
-"""StoryMixtral <-> transformers' MixtralForCausalLM.
+"""StoryMixtral <-> transformers' MixtralForCausalLM (see smolhub_hub/state_dict_adapter.py for the interface).
 
-Attention as in convert_llama (fused qkv split into q/k/v_proj; rotate-half RoPE as Mixtral's). Both
+Attention as StoryLlama's (fused qkv split into q/k/v_proj; rotate-half RoPE as Mixtral's). Both
 windows count the query itself (a key is visible when q - k < sliding_window). Experts are fused 3-D
 parameters in both, transposed: ours gate_up (E, dim, 2*hidden) and down (E, hidden, dim), theirs
 gate_up_proj (E, 2*hidden, dim) and down_proj (E, dim, hidden), gate before up in both; transformers'
@@ -8,9 +8,8 @@ save_pretrained then writes the Hub's per-expert w1/w2/w3 files.
 """
 from __future__ import annotations
 
-from smolhub.errors import UserError
-from smolhub_hub.convert_llama import (attention_from_hf, attention_to_hf, embeddings_from_hf, embeddings_to_hf,
-                                       norms_from_hf, norms_to_hf)
+from smolhub_hub.state_dict_adapter import (attention_from_hf, attention_to_hf, check_no_capacity, embeddings_from_hf,
+                                            embeddings_to_hf, norms_from_hf, norms_to_hf)
 
 REMOTE_CODE = False
 
@@ -21,15 +20,7 @@ def model_class():
     return MixtralForCausalLM
 
 
-def check_no_capacity(cfg) -> None:
-    """transformers' MoE layers never drop tokens; ours do when capacity_factor > 0, in inference too."""
-    if cfg.capacity_factor > 0:
-        raise UserError(f"this checkpoint drops tokens over expert capacity (capacity_factor "
-                        f"{cfg.capacity_factor}), which transformers cannot reproduce; set \"capacity_factor\": 0 "
-                        "in its config.json to export it (inference then routes every token)")
-
-
-def hf_config(architecture: str, cfg, ids: dict):
+def hf_config(cfg, ids: dict):
     from transformers import MixtralConfig
 
     check_no_capacity(cfg)

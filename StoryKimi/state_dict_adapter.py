@@ -1,4 +1,4 @@
-"""StoryKimi <-> transformers' DeepseekV3ForCausalLM.
+"""StoryKimi <-> transformers' DeepseekV3ForCausalLM (see smolhub_hub/state_dict_adapter.py for the interface).
 
 MLA maps one to one (wq | wq_a, q_norm, wq_b -> q_proj | q_a_proj, q_a_layernorm, q_b_proj;
 wkv_a, kv_norm, wkv_b, wo -> kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), with the same
@@ -14,8 +14,8 @@ by ~1e-6 relative at the default 1e-5 (the export check and tests bound it).
 """
 from __future__ import annotations
 
-from smolhub_hub.convert_llama import (embeddings_from_hf, embeddings_to_hf, norms_from_hf, norms_to_hf, swiglu_from_hf,
-                                       swiglu_to_hf)
+from smolhub_hub.state_dict_adapter import (embeddings_from_hf, embeddings_to_hf, norms_from_hf, norms_to_hf,
+                                            swiglu_from_hf, swiglu_to_hf)
 
 REMOTE_CODE = False
 
@@ -29,7 +29,7 @@ def model_class():
     return DeepseekV3ForCausalLM
 
 
-def hf_config(architecture: str, cfg, ids: dict):
+def hf_config(cfg, ids: dict):
     from transformers import DeepseekV3Config
 
     return DeepseekV3Config(
