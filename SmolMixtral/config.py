@@ -12,7 +12,8 @@ class SmolMixtralConfig(MoEConfig):
     n_head: int = option(8, "Attention heads (multi-head attention: as many key/value heads).")
     rope_theta: float = option(10000.0, "RoPE base frequency.")
     noisy_routing: bool = option(True, "Noisy top-k gating in training: learned Gaussian noise on the router "
-                                 "logits (Shazeer et al., 2017); evaluation routes on the clean logits.")
+                                 "logits (Shazeer et al., 2017); evaluation routes on the clean logits.",
+                                 off="Route on the clean router logits in training too (no noise parameters).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,7 +9,7 @@ from smolhub.errors import UserError
 @dataclass
 class SmolTransformerConfig(ModelConfig):
     block_size: int = option(1024, "Context length in tokens; also the number of positions, so longer inputs "
-                             "are refused (generation crops the prompt to fit).")
+                             "are refused (generation predicts from the last block_size tokens).")
     positions: Literal["learned", "sinusoidal"] = option(
         "learned", "Absolute positions added to the token embeddings: learned (GPT-2: a trained table of "
         "block_size rows) or sinusoidal (the fixed sin/cos of Vaswani et al., 2017: no parameters).")

@@ -7,8 +7,7 @@ own keys and values, no rotary positions) and a GELU MLP four times as wide as t
 RMSNorm precedes the output head, which shares the token embedding. No biases anywhere.
 
 Either way the positions are a table of block_size rows, so the model has no notion of a position
-beyond it: a longer input raises an error, and generation crops the prompt from the left so that
-prompt + new tokens fit.
+beyond it: a longer input raises an error, and generation predicts from the last block_size tokens.
 """
 import torch
 import torch.nn as nn

@@ -7,6 +7,8 @@ from smolhub.errors import UserError
 
 @dataclass
 class StoryKimiConfig(ModelConfig):
+    training_fields = ModelConfig.training_fields | {"qk_clip_threshold", "bias_update_rate", "seq_aux_loss_weight"}
+
     block_size: int = option(512, "Context length in tokens.")
     n_layer: int = option(12, "Number of transformer blocks.")
     n_embd: int = option(512, "Model width (d_model).")
@@ -36,7 +38,7 @@ class StoryKimiConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_hidden",
-                     "n_routed_experts", "expert_hidden", "top_k"]:
+                     "n_routed_experts", "expert_hidden", "top_k", "rope_theta", "routed_scaling_factor"]:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ["q_lora_rank", "first_k_dense", "n_shared_experts", "bias_update_rate", "seq_aux_loss_weight",

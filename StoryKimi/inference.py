@@ -14,4 +14,4 @@ from smolhub.inference import generate_text, load_model, main
 __all__ = ["load_model", "generate_text", "main"]
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda argv: main("StoryKimi", argv))

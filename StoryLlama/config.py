@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from smolhub.config import ModelConfig, check_kv_heads, check_rope, option
+from smolhub.errors import UserError
 
 
 @dataclass
@@ -18,6 +19,8 @@ class StoryLlamaConfig(ModelConfig):
         super().__post_init__()
         check_kv_heads(self)
         check_rope(self)
+        if self.ffn_hidden <= 0:
+            raise UserError(f"--ffn_hidden must be positive, got {self.ffn_hidden}")
 
 
 # What the trainer uses unless told otherwise; presets, --config and flags override it.

@@ -25,8 +25,8 @@ import gradio as gr
 from smolhub.cli import Command, parse_cli, parse_command, run_main
 from smolhub.config import option
 from smolhub.errors import UserError
-from smolhub.generate import Engine, SamplingConfig, TextStream
-from smolhub.inference import load_model
+from smolhub.generate import Engine, SamplingConfig, TextStream, check_unicode
+from smolhub.inference import check_architecture, load_model
 
 EXAMPLES = ("Once upon a time", "One day, a little girl named Lily found",
             "The dragon looked at the knight and said")
@@ -43,11 +43,6 @@ DEFAULT_REPETITION_PENALTY = 1.0
 class Limits:
     max_prompt_chars: int
     max_new_tokens: int
-
-
-def token_limit(engines: Sequence[Engine], requested: int) -> int:
-    """Prompt and continuation share the context, so at most block_size - 1 tokens can be new."""
-    return max(1, min([requested] + [e.model.config.block_size - 1 for e in engines]))
 
 
 def _real(name: str, value) -> float:
@@ -76,11 +71,7 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_
     if len(prompt) > limits.max_prompt_chars:
         raise UserError(f"the prompt has {len(prompt)} characters, over this demo's limit of "
                         f"{limits.max_prompt_chars}: shorten it")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError("the prompt is not valid Unicode text (it holds a lone surrogate): "
-                        "retype it or paste it from another source") from None
+    check_unicode(prompt)
     max_new_tokens = _integer("max new tokens", max_new_tokens)
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise UserError(f"max new tokens must be between 1 and {limits.max_new_tokens}, got {max_new_tokens}")
@@ -90,6 +81,12 @@ def check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_
                          repetition_penalty=_real("repetition penalty", repetition_penalty),
                          seed=seed if seed >= 0 else random.randrange(2**31))
     return prompt, cfg
+
+
+def crop_suffix(engine: Engine, prompt: str) -> str:
+    """What a status line adds when the prompt is longer than the model's context."""
+    note = engine.crop_note(prompt)
+    return f" ({note})" if note else ""
 
 
 class Timed:
@@ -154,15 +151,17 @@ def _sampling_controls(max_new_tokens: int) -> list[gr.components.Component]:
 
 def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_tokens_limit: int = 512,
               examples: Sequence[str] = EXAMPLES) -> gr.Blocks:
-    """The demo of one loaded model (from `load_model`): streamed generation, a model card, `/generate`."""
-    limits = Limits(max_prompt_chars, token_limit([engine], max_new_tokens_limit))
+    """The demo of one loaded model (from `load_model`): streamed generation, a model card, `/generate`.
+    A prompt longer than the model's context keeps its end, which the status line says."""
+    limits = Limits(max_prompt_chars, max_new_tokens_limit)
 
     def stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
+            note = crop_suffix(engine, prompt)
             pieces = Timed(engine.stream(prompt, cfg))
-            text, status = prompt, "Generating..."
+            text, status = prompt, "Generating..." + note
             for piece in pieces:
                 text += piece
                 # the status goes out once: a piece still in flight when Stop is pressed must not
@@ -172,7 +171,7 @@ def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_
         except UserError as e:
             # a user mistake: show it in the page, keep the server log for real failures
             raise gr.Error(str(e), print_exception=False) from None
-        yield text, f"{pieces.speed()}, seed {cfg.seed}"
+        yield text, f"{pieces.speed()}, seed {cfg.seed}{note}"
 
     def generate(prompt: str, max_new_tokens: int = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens),
                  temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K,
@@ -209,22 +208,24 @@ def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_
 def build_compare_app(engines: Sequence[Engine], max_prompt_chars: int = 2000, max_new_tokens_limit: int = 512,
                       examples: Sequence[str] = EXAMPLES) -> gr.Blocks:
     """One prompt, several loaded models side by side, each with its own speed."""
-    limits = Limits(max_prompt_chars, token_limit(engines, max_new_tokens_limit))
+    limits = Limits(max_prompt_chars, max_new_tokens_limit)
     n = len(engines)
 
     def compare(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
+            notes = [crop_suffix(e, prompt) for e in engines]
             streams = [Timed(e.stream(prompt, cfg)) for e in engines]
-            texts, stats, sent, running = [prompt] * n, ["Generating..."] * n, [None] * n, set(range(n))
+            texts, sent, running = [prompt] * n, [None] * n, set(range(n))
+            stats = ["Generating..." + note for note in notes]
             # one piece from each model in turn, so all outputs grow together
             while running:
                 for i in sorted(running):
                     piece = next(streams[i], None)
                     if piece is None:
                         running.discard(i)
-                        stats[i] = f"{streams[i].speed()}, seed {cfg.seed}"
+                        stats[i] = f"{streams[i].speed()}, seed {cfg.seed}{notes[i]}"
                     else:
                         texts[i] += piece
                 # a status goes out only when it changes, as in build_app
@@ -266,7 +267,7 @@ class ServeArgs:
     port: int = option(7860, "Port to listen on.")
     share: bool = option(False, "Also publish a temporary public gradio.live link.")
     device: str = option("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N.")
-    max_new_tokens_limit: int = option(512, "Most tokens one request may generate (capped by the context).")
+    max_new_tokens_limit: int = option(512, "Most tokens one request may generate.")
     max_prompt_chars: int = option(2000, "Longest prompt accepted, in characters.")
     concurrency: int = option(1, "Requests generated at once; the rest wait in the queue.")
     compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s; the first request of each batch "
@@ -294,10 +295,7 @@ def main(architecture: str, argv: list[str] | None = None) -> None:
     if not ckpt.checkpoint:
         raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
     engine = load_model(ckpt.checkpoint, args.device, compile=args.compile)
-    found = engine.model.architecture
-    if found != architecture:
-        raise UserError(f"{ckpt.checkpoint} holds a {found} model, not {architecture}: "
-                        f"run {found}/gradio/app.py instead")
+    check_architecture(engine, architecture, ckpt.checkpoint, "gradio/app.py")
     print(f"{architecture} from {engine.path} on {next(engine.model.parameters()).device}", file=sys.stderr)
     serve(build_app(engine, architecture, args.max_prompt_chars, args.max_new_tokens_limit), args)
 

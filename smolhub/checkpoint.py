@@ -55,21 +55,29 @@ def latest_checkpoint(out_dir: str | Path, resumable: bool = True) -> Path | Non
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, tokenizer, meta: dict,
                     trainer_state: dict | None = None, keep_last: int = 0) -> Path:
-    """Write a complete checkpoint folder atomically; prune to the newest keep_last (0 keeps all)."""
+    """Write a complete checkpoint folder atomically; then keep the newest keep_last (0 keeps all)
+    of this run's checkpoints (those whose meta has the same run_id), never another run's.
+
+    A write that fails (a full disk, say) removes its partial folder and leaves the earlier
+    checkpoints as they were."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / checkpoint_name(step)
     tmp = out_dir / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_safetensors_from(model, str(tmp / "model.safetensors"))
-    config = {"architecture": model.architecture, "model": model.config.to_dict(), "meta": meta}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(tmp))
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        save_safetensors_from(model, str(tmp / "model.safetensors"))
+        config = {"architecture": model.architecture, "model": model.config.to_dict(), "meta": meta}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # saving the same step twice (e.g. a signal right after a periodic save)
         old = out_dir / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -78,9 +86,18 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, toke
     else:
         tmp.rename(final)
     if keep_last > 0:
-        for stale in list_checkpoints(out_dir)[:-keep_last]:
+        own = [p for p in list_checkpoints(out_dir) if read_meta(p).get("run_id") == meta.get("run_id")]
+        for stale in own[:-keep_last]:
             shutil.rmtree(stale)
     return final
+
+
+def read_meta(folder: Path) -> dict:
+    """A checkpoint's meta (step, val_loss, run_id, ...); empty where its config.json is unreadable."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("meta", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -154,5 +171,45 @@ def load_trainer_state(folder: Path) -> dict:
     try:
         return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{folder / 'trainer_state.pt'} is unreadable ({str(e).splitlines()[0]}); "
-                        "delete that checkpoint folder to resume from the one before it")
+        raise UserError(f"{folder / 'trainer_state.pt'} is unreadable ({str(e).splitlines()[0]})")
+
+
+def resume_point(spec: str, out_dir: Path) -> tuple[Path, dict, list[str]]:
+    """The checkpoint that --resume continues, its trainer state, and a line for each checkpoint
+    passed over. spec "latest" takes the newest one of out_dir that loads, setting aside (renamed
+    `<name>.corrupt`) those that do not; a path names a checkpoint folder, or an out_dir to take
+    the newest loadable one of."""
+    named = Path(spec).expanduser() if spec != "latest" else None
+    if named is not None and is_checkpoint(named):
+        step = CKPT_PATTERN.match(named.name)
+        newer = [p.name for p in list_checkpoints(named.parent, resumable=False)
+                 if step and int(CKPT_PATTERN.match(p.name)[1]) > int(step[1])]
+        if newer and named.parent.resolve() == out_dir.resolve():
+            raise UserError(f"--resume {spec}: its run went on to {', '.join(newer)}, which continuing in "
+                            f"{out_dir} would overwrite; give the branch another --out_dir")
+        return named, _resumable_state(named), []
+    folder = named or out_dir
+    candidates = list_checkpoints(folder)
+    if not candidates:
+        where = f"--resume {spec}" if named is not None else f"--resume: {out_dir}"
+        raise UserError(f"{where} holds no complete checkpoint; drop --resume to start a new run")
+    notes = []
+    for ckpt in reversed(candidates):
+        try:
+            return ckpt, _resumable_state(ckpt), notes
+        except UserError as e:
+            aside = ckpt.with_name(f"{ckpt.name}.corrupt")
+            ckpt.rename(aside)
+            notes.append(f"{e}: set aside as {aside.name}")
+    raise UserError(f"no checkpoint in {folder} can be loaded ({'; '.join(notes)}); start a new run")
+
+
+def _resumable_state(folder: Path) -> dict:
+    """The trainer state of a checkpoint whose weights and state both read back whole."""
+    from safetensors.torch import load_file
+
+    try:
+        load_file(folder / "model.safetensors")
+    except Exception as e:  # safetensors raises plain exceptions for truncated files
+        raise UserError(f"{folder / 'model.safetensors'} is unreadable ({str(e).splitlines()[0]})")
+    return load_trainer_state(folder)

@@ -1,4 +1,5 @@
-"""Configs as documented dataclasses, and their validation.
+"""Configs as documented dataclasses, their validation, and what a run that starts from a
+checkpoint takes from it (reconcile_with_checkpoint).
 
 Every field is a command-line flag whose help is the field's `option` text (see smolhub/cli.py).
 A model's config.py subclasses `ModelConfig` (or `MoEConfig`) with its own defaults, next to its
@@ -7,7 +8,10 @@ PRESETS and TRAIN_DEFAULTS.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from smolhub.errors import UserError
@@ -20,6 +24,14 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def check_finite(cfg: Any) -> None:
+    """nan slips past every range check (nan <= 0 is false), and no field means inf."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} must be a finite number, got {value}")
+
+
 def pad_vocab(n: int, multiple: int = 64) -> int:
     """Embedding rows are padded to a multiple of 64 so matmuls hit the fast tensor-core shapes."""
     return (n + multiple - 1) // multiple * multiple
@@ -29,6 +41,10 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 class ModelConfig:
     """Fields every architecture shares. Each model subclasses this with its own defaults."""
 
+    # Fields that shape how the weights are trained, not the function they compute: a run started
+    # with --init_from sets them like any training flag (see reconcile_with_checkpoint).
+    training_fields = frozenset({"dropout", "grad_checkpointing", "bf16_residual"})
+
     vocab_size: int = option(0, "Embedding rows; 0 = the tokenizer's size padded to a multiple of 64.")
     block_size: int = option(512, "Context length in tokens.")
     n_layer: int = option(8, "Number of transformer blocks.")
@@ -36,15 +52,19 @@ class ModelConfig:
     n_head: int = option(12, "Query heads.")
     dropout: float = option(0.0, "Dropout on attention weights and residual branches (0 disables it).")
     norm_eps: float = option(1e-5, "Epsilon of the normalisation layers.")
-    tie_embeddings: bool = option(True, "Share the token embedding and the output head.")
+    tie_embeddings: bool = option(True, "Share the token embedding and the output head.",
+                                  off="Give the output head its own weights, apart from the token embedding.")
     init_std: float = option(0.02, "Std of the normal init; residual projections get std/sqrt(2*n_layer).")
     grad_checkpointing: bool = option(False, "Recompute each block in backward to save activation memory.")
     bf16_residual: bool = option(True, "Under bf16 autocast, carry the residual stream in bf16 (as torchtitan and "
                                  "Megatron do) rather than fp32 (as nanoGPT and transformers do): ~5%% faster "
-                                 "training, ~0.013 nats higher val loss at 10M tokens (StoryLlama; benchmarks/README.md).")
+                                 "training, ~0.013 nats higher val loss at 10M tokens (StoryLlama; benchmarks/README.md).",
+                                 off="Under bf16 autocast, carry the residual stream in fp32 (as nanoGPT and "
+                                 "transformers do): ~0.013 nats lower val loss, ~5%% slower training.")
 
     def __post_init__(self) -> None:
-        positive = ["block_size", "n_layer", "n_embd", "n_head"]
+        check_finite(self)
+        positive = ["block_size", "n_layer", "n_embd", "n_head", "norm_eps", "init_std"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -80,11 +100,15 @@ def check_kv_heads(cfg: ModelConfig) -> None:
 def check_rope(cfg: ModelConfig) -> None:
     if cfg.head_dim % 2:
         raise UserError(f"RoPE needs an even head dimension; n_embd/n_head = {cfg.head_dim}")
+    if cfg.rope_theta <= 0:
+        raise UserError(f"--rope_theta must be positive, got {cfg.rope_theta}")
 
 
 @dataclass
 class MoEConfig(ModelConfig):
     """The Mixtral-style sparse feed-forward that SmolMixtral and StoryMixtral share."""
+
+    training_fields = ModelConfig.training_fields | {"aux_loss_weight", "router_z_loss_weight"}
 
     n_experts: int = option(8, "SwiGLU experts per MoE layer.")
     top_k: int = option(2, "Experts each token is routed to.")
@@ -136,10 +160,13 @@ class TrainConfig:
     schedule: Literal["cosine", "cosine_restarts", "constant"] = option(
         "cosine", "Learning-rate schedule after warmup.")
     restart_period: int = option(1000, "Steps per cycle of --schedule cosine_restarts.")
+    schedule_steps: int = option(0, "Steps that the warmup + cosine and --seq_len_stages are laid out over; "
+                                 "0 = --max_steps. Steps past it train at --min_lr on the full context (a --resume "
+                                 "that raises --max_steps keeps the checkpoint's, rather than re-stretch the cosine).")
     weight_decay: float = option(0.1, "Weight decay (AdamW's, and Muon's with --optimizer muon), applied to "
-                                 "weight matrices and embeddings only.")
-    beta1: float = option(0.9, "AdamW beta1.")
-    beta2: float = option(0.95, "AdamW beta2.")
+                                 "weight matrices and embeddings only; >= 0.")
+    beta1: float = option(0.9, "AdamW beta1, in [0, 1).")
+    beta2: float = option(0.95, "AdamW beta2, in [0, 1).")
     optimizer: Literal["adamw", "muon"] = option(
         "adamw", "adamw: AdamW for everything. muon: Muon for the hidden weight matrices (3-D expert stacks "
         "per expert matrix), AdamW for embeddings, the output head, norms and biases.")
@@ -147,7 +174,7 @@ class TrainConfig:
                             "Muon's updates are scaled to AdamW's RMS (Moonlight), so one rate can serve both.")
     grad_clip: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).")
     seq_len_stages: str = option("", "Progressive sequence length: comma-separated lengths, each dividing "
-                                 "block_size, trained for equal shares of the steps before the full context "
+                                 "block_size, trained for equal shares of --schedule_steps before the full context "
                                  "(e.g. '128,256'). Tokens per step stay constant.")
     # precision and speed
     device: str = option("auto", "auto | cpu | cuda | cuda:N. Under torchrun each process takes its local rank.")
@@ -176,17 +203,32 @@ class TrainConfig:
                           "empty = out/<Model>.")
     save_interval: int = option(1000, "Save a checkpoint every N steps (and at the end).")
     keep_last: int = option(3, "Keep only the newest N checkpoints (0 keeps all).")
-    resume: bool = option(False, "Continue from the newest complete checkpoint in --out_dir.")
-    init_from: str = option("", "Start from the weights of this checkpoint (folder or Hub id), fresh optimizer.")
+    resume: str = option("", "Continue a run exactly: `--resume` alone takes the newest checkpoint of --out_dir that "
+                         "loads (setting aside unreadable ones); `--resume PATH` a checkpoint folder, or a run's "
+                         "out_dir. Empty = a new run. The model and training fields are the checkpoint's: a flag "
+                         "or --config value that differs is refused, except --max_steps (see --schedule_steps), "
+                         "--grad_checkpointing and what concerns this invocation only (output, device, compile, "
+                         "intervals, logging, --keep_last).", nargs="?", const="latest", metavar="PATH")
+    overwrite: bool = option(False, "Start a new run in an --out_dir that holds another run, deleting that run's "
+                             "checkpoints and records (without it such a run is refused).")
+    init_from: str = option("", "Start a new run from the weights of this checkpoint (folder, out_dir or Hub id) "
+                            "with a fresh optimizer: the checkpoint's architecture and tokenizer are kept (a flag "
+                            "that differs from them is refused); dropout, grad_checkpointing, bf16_residual, the "
+                            "loss weights and every training field (--lr ...) are this run's.")
 
     def __post_init__(self) -> None:
         for name in ["batch_size", "max_steps", "eval_batches", "log_interval", "eval_interval", "save_interval",
                      "num_proc"]:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ["warmup_steps", "tokens_per_step", "sample_interval", "keep_last", "max_tokens"]:
+        check_finite(self)
+        for name in ["warmup_steps", "tokens_per_step", "sample_interval", "keep_last", "max_tokens", "schedule_steps",
+                     "weight_decay", "grad_clip", "peak_tflops"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ["beta1", "beta2"]:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -197,13 +239,89 @@ class TrainConfig:
             raise UserError("--muon_lr sets Muon's learning rate: use it with --optimizer muon")
         if self.restart_period <= 0:
             raise UserError(f"--restart_period must be positive, got {self.restart_period}")
+        if isinstance(self.resume, bool):  # `resume: true` in a --config file
+            self.resume = "latest" if self.resume else ""
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out_dir and --overwrite deletes it: drop one")
         if self.resume and self.init_from:
             raise UserError("--resume and --init_from exclude each other: resume continues out_dir, "
                             "init_from starts a new run from other weights")
         self.seq_lens()
+
+    @property
+    def horizon(self) -> int:
+        """The steps that the schedule and the sequence-length stages are laid out over."""
+        return self.schedule_steps or self.max_steps
 
     def seq_lens(self) -> list[int]:
         try:
             return [int(s) for s in self.seq_len_stages.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--seq_len_stages must be comma-separated integers, got {self.seq_len_stages!r}")
+
+
+# The TrainConfig fields that concern one invocation of the trainer, not what the run computes: a
+# --resume takes them from this invocation. Every other field comes from the checkpoint.
+INVOCATION_FIELDS = frozenset({
+    "out_dir", "resume", "overwrite", "init_from", "data_dir", "num_proc", "device", "compile", "cuda_graphs",
+    "deterministic", "eval_interval", "eval_batches", "log_interval", "sample_interval", "sample_prompt",
+    "wandb_mode", "wandb_project", "run_name", "peak_tflops", "save_interval", "keep_last"})
+
+
+def reconcile_with_checkpoint(mcfg: ModelConfig, cfg: TrainConfig, explicit: Collection[str], checkpoint: Path,
+                              config: dict, train_config: dict | None) -> tuple[ModelConfig, TrainConfig, list[str]]:
+    """The configs of a run that starts from `checkpoint` (its config.json `config`; for --resume, the
+    TrainConfig it was trained with), and the lines to log about them.
+
+    --resume continues that run as it was trained: every field is the checkpoint's except those of
+    INVOCATION_FIELDS, grad_checkpointing (the same math in less memory) and --max_steps, whose
+    steps past the checkpoint's schedule train at its end (schedule_steps keeps the horizon).
+    --init_from starts a new run from its weights: the architecture and tokenizer are the
+    checkpoint's, and what trains them (training_fields and every TrainConfig field) is this run's.
+    A field in `explicit` (given as a flag or in --config) that the checkpoint would override is
+    refused, naming the checkpoint's value."""
+    explicit = set(explicit)
+    config_class = type(mcfg)
+    ckpt_model = config_class.from_dict(config["model"]).to_dict()
+    keep = {"grad_checkpointing"} if cfg.resume else config_class.training_fields
+    conflicts = [(name, getattr(mcfg, name), value) for name, value in ckpt_model.items()
+                 if name in explicit - keep and getattr(mcfg, name) != value
+                 and not (name == "vocab_size" and mcfg.vocab_size == 0)]  # 0: whatever the tokenizer needs
+    model = config_class(**{**ckpt_model, **{name: getattr(mcfg, name) for name in keep}})
+    if not cfg.resume:
+        conflicts += [(name, getattr(cfg, name), "its own tokenizer") for name in ("tokenizer", "bpe_vocab_size")
+                      if name in explicit]
+        if conflicts:
+            raise UserError(f"--init_from {checkpoint} keeps the checkpoint's architecture and tokenizer: "
+                            f"{_listed(conflicts)}; drop them")
+        return model, dataclasses.replace(cfg, tokenizer=str(checkpoint)), []
+
+    trained = {f.name: train_config.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)
+               if f.name not in INVOCATION_FIELDS | {"max_steps"}}  # a field newer than the run: its default
+    conflicts += [(name, getattr(cfg, name), value) for name, value in trained.items()
+                  if name in explicit and getattr(cfg, name) != value]
+    if conflicts:
+        raise UserError(f"--resume continues {checkpoint.name} as it was trained: {_listed(conflicts)}; drop them "
+                        f"to continue it (--init_from {checkpoint} starts a new run from its weights, with new "
+                        "training settings)")
+    planned, step = train_config["max_steps"], config["meta"]["step"]
+    max_steps = cfg.max_steps if "max_steps" in explicit else planned
+    horizon = trained["schedule_steps"] or planned
+    if max_steps <= step:
+        raise UserError(f"--resume: {checkpoint.name} is at step {step} and --max_steps is {max_steps}, so nothing "
+                        "is left to train; pass a larger --max_steps to train on")
+    notes = []
+    if max_steps != planned:
+        trained["schedule_steps"] = horizon
+        past = f"; steps {horizon + 1}-{max_steps} train at --min_lr {trained['min_lr']:g}" \
+            if max_steps > horizon and trained["schedule"] == "cosine" else ""
+        notes.append(f"--max_steps {max_steps} (the checkpoint's run: {planned}): the schedule keeps its "
+                     f"{horizon}-step horizon (--schedule_steps {horizon}){past}")
+    return model, dataclasses.replace(cfg, **trained, max_steps=max_steps), notes
+
+
+def _listed(conflicts: list[tuple[str, Any, Any]]) -> str:
+    def shown(value: Any) -> str:
+        return repr(value) if value == "" else str(value)
+
+    return ", ".join(f"--{name} {shown(given)} (checkpoint: {shown(value)})" for name, given, value in conflicts)

@@ -1,8 +1,9 @@
 """Autoregressive generation with a KV cache: one prefill of the prompt, then one token per step.
 
 Sampling: temperature (0 = greedy), top-k, top-p (nucleus), repetition penalty (CTRL), EOS stop, a
-seed. Padding ids beyond the tokenizer's vocabulary are never sampled. Prompt + new tokens must fit
-the context: a prompt too long for max_new_tokens is cropped from the left, keeping its end.
+seed. Padding ids beyond the tokenizer's vocabulary are never sampled. Each new token is predicted
+from the last block_size tokens at most, as nanoGPT's sample.py crops its context: a longer prompt
+keeps its end, and a generation longer than the context slides its window along.
 An Engine holds a model with what generating from it needs: its tokenizer and its CUDA-graph decoders.
 """
 from __future__ import annotations
@@ -71,13 +72,6 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def fit_to_context(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
-    """How many prompt tokens to keep so prompt + new tokens fit the context."""
-    if max_new_tokens >= block_size:
-        raise UserError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({block_size})")
-    return min(prompt_len, block_size - max_new_tokens)
-
-
 class GraphDecoder:
     """One-token decode steps replayed as a CUDA graph: a static KV cache the length of the context,
     the token and position in fixed device buffers, so every step has the same shapes and addresses.
@@ -140,9 +134,20 @@ class GraphDecoder:
         return all(getattr(layer, "static_positions", False) for layer in probe)
 
 
+def check_unicode(prompt: str) -> None:
+    """Refuse a lone surrogate, which no tokenizer can encode: the command line turns bytes that are
+    not UTF-8 into them, and a browser can send one."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the prompt is not valid Unicode text (it holds a lone surrogate): "
+                        "retype it or paste it from another source") from None
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     if not prompt or not prompt.strip():
         raise UserError("the prompt is empty: give some text to continue")
+    check_unicode(prompt)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     if not ids:
         raise UserError("the prompt encodes to no tokens: give some text to continue")
@@ -221,10 +226,11 @@ class Engine:
                      vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), step by step, until max_new_tokens or all rows hit EOS.
 
-        prompt: (B, T) ids, all rows the same length. A row that emitted EOS keeps being padded with EOS."""
+        prompt: (B, T) ids, all rows the same length, cropped to its last block_size tokens (crop_note
+        says so to a user). A row that emitted EOS keeps being padded with EOS."""
         if prompt.dim() != 2 or prompt.size(1) == 0:
             raise UserError("the prompt is empty: give at least one token of text")
-        prompt = prompt[:, -fit_to_context(prompt.size(1), cfg.max_new_tokens, self.model.config.block_size):]
+        prompt = prompt[:, -self.model.config.block_size:]
         decoder = self._acquire_decoder(prompt.size(0), prompt.device, next(self.model.parameters()).dtype)
         try:
             yield from self._decode(prompt, cfg, eos_id, vocab_limit, decoder)
@@ -235,10 +241,12 @@ class Engine:
     def _decode(self, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None, vocab_limit: int | None,
                 decoder: GraphDecoder | None) -> Iterator[torch.Tensor]:
         model = self.model
+        block_size = model.config.block_size
         B, T = prompt.shape
         device = prompt.device
         dtype = next(model.parameters()).dtype
-        cache = decoder.cache if decoder else model.make_kv_cache(B, T + cfg.max_new_tokens, device, dtype)
+        cache = decoder.cache if decoder else model.make_kv_cache(B, min(T + cfg.max_new_tokens, block_size),
+                                                                  device, dtype)
         generator = None
         if cfg.seed is not None and cfg.temperature > 0:
             generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -247,9 +255,9 @@ class Engine:
             seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
             seen.scatter_(1, prompt, True)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        with sdpa_kernel(GENERATION_ATTENTION):
-            logits, _ = model(prompt, kv_cache=cache, start_pos=0)
-        next_logits = logits[:, -1, :]
+        next_logits = self._prefill(prompt, cache)
+        context = [prompt]  # its last block_size tokens are what the next token is predicted from
+        length = T  # tokens so far; also the position of the next one while the context has room
         pos = torch.tensor(T, device=device) if decoder else T
         for _ in range(cfg.max_new_tokens):
             if vocab_limit is not None and vocab_limit < next_logits.size(-1):
@@ -264,8 +272,22 @@ class Engine:
                 return
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            next_logits = self._step(decoder, cache, token[:, None], pos)
-            pos = pos + 1
+            context.append(token[:, None])
+            if length < block_size:
+                next_logits = self._step(decoder, cache, token[:, None], pos)
+                pos = pos + 1
+            else:
+                # the window slides: every token moves to the position before, and the oldest one no
+                # longer shapes the others' keys and values, so nothing cached still holds: the
+                # window is prefilled again
+                context = [torch.cat(context, dim=1)[:, -block_size:]]
+                next_logits = self._prefill(context[0], cache)
+            length += 1
+
+    def _prefill(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Logits after `tokens`, written to the cache from position 0 (whatever it held before)."""
+        with sdpa_kernel(GENERATION_ATTENTION):
+            return self.model(tokens, kv_cache=cache, start_pos=0)[0][:, -1, :]
 
     def _step(self, decoder: GraphDecoder | None, cache, token: torch.Tensor, pos) -> torch.Tensor:
         """Logits after one more token: the CUDA graph when there is one, else an eager forward."""
@@ -278,6 +300,15 @@ class Engine:
                 self.graph_failed = True
         with sdpa_kernel(GENERATION_ATTENTION):
             return self.model(token, kv_cache=cache, start_pos=pos)[0][:, -1, :]
+
+    def crop_note(self, prompt: str) -> str | None:
+        """The line telling a user that the prompt is longer than the context, so that its start
+        plays no part; None when it fits."""
+        n, block_size = len(encode_prompt(self.tokenizer, prompt)), self.model.config.block_size
+        if n <= block_size:
+            return None
+        return (f"the prompt has {n} tokens, more than the model's context of {block_size}: "
+                f"generating from its last {block_size}")
 
     def stream(self, prompt: str, cfg: SamplingConfig) -> TextStream:
         """The continuation of one prompt, as text pieces while they are sampled."""

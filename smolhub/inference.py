@@ -5,6 +5,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,8 +25,22 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def refuse_transformers_export(path: str) -> None:
+    """Point a transformers folder (what `python -m smolhub_hub export` writes) to the import that
+    turns it back into a checkpoint."""
+    try:
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and "architecture" not in config and ("model_type" in config
+                                                                      or "architectures" in config):
+        raise UserError(f"{path} is a transformers model folder, not a SmolHub checkpoint: convert it with "
+                        f"`python -m smolhub_hub import {path} CHECKPOINT_DIR` and pass --checkpoint CHECKPOINT_DIR")
+
+
 def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> Engine:
     """Load a checkpoint folder, a run's out_dir (its newest checkpoint) or a Hub repo id for inference.
+    Any of the five architectures loads, whichever model folder the call comes from.
 
     The Engine returned holds the model (`.model`), its tokenizer (`.tokenizer`), the checkpoint's
     training record (`.meta`) and folder (`.path`), so `generate_text(model=model, prompt=...)` needs
@@ -35,6 +50,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     dev = pick_device(device)
     if compile and dev.type != "cuda":
         raise UserError("--compile speeds up CUDA-graph decoding, which needs a CUDA device; drop it on CPU")
+    refuse_transformers_export(path)
     loaded = load_checkpoint(path, dev)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
@@ -42,10 +58,19 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     return Engine(loaded.model, loaded.tokenizer, compile, loaded.meta, loaded.path)
 
 
+def check_architecture(engine: Engine, architecture: str, checkpoint: str, script: str) -> None:
+    """A model folder's scripts (inference.py, gradio/app.py) serve that folder's architecture, whose
+    README documents them; another architecture's checkpoint is sent to its own folder's script."""
+    found = engine.model.architecture
+    if found != architecture:
+        raise UserError(f"{checkpoint} holds a {found} model, not {architecture}: run {found}/{script} instead")
+
+
 def generate_text(model: Engine, prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 0,
                   top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                   stream: bool = False):
-    """The prompt followed by up to max_length new tokens (a generator of text pieces if stream=True)."""
+    """The prompt followed by up to max_length new tokens (a generator of text pieces if stream=True).
+    A prompt longer than the model's context keeps its end, and a longer generation slides along."""
     if not isinstance(model, Engine):
         raise UserError("generate_text takes the model that load_model(path) returns")
     cfg = SamplingConfig(max_new_tokens=max_length, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -67,15 +92,18 @@ class InferenceArgs:
     repetition_penalty: float = option(1.0, "Divide the logits of tokens already present by this (1 = off).")
     seed: int = option(-1, "Sampling seed (-1 = random).")
     stream: bool = option(False, "Print tokens as they are generated (single prompt).")
-    json: bool = option(False, "Print one JSON object per prompt: prompt, completion, tokens, tokens_per_s.")
+    json: bool = option(False, "Print one JSON object per prompt: prompt, completion, tokens, tokens_per_s. With "
+                        "--stream, one {\"delta\": text} line per piece as it is generated comes first.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", "Weights dtype; auto = bf16 on CUDA.")
     compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s after ~20 s of compiling; for long "
                            "or many generations).")
 
 
-def main(argv: list[str] | None = None, prog: str = "inference.py") -> None:
-    (args,) = parse_cli((InferenceArgs,), {}, argv, prog=prog, description="Generate text from a checkpoint.")
+def main(architecture: str, argv: list[str] | None = None, prog: str = "inference.py") -> None:
+    """Entry point of <architecture>/inference.py."""
+    (args,) = parse_cli((InferenceArgs,), {}, argv, prog=prog,
+                        description=f"Generate text from a {architecture} checkpoint.")
     if not args.checkpoint:
         raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
     if args.prompts_file:
@@ -91,18 +119,28 @@ def main(argv: list[str] | None = None, prog: str = "inference.py") -> None:
     if args.stream and len(prompts) > 1:
         raise UserError("--stream works with a single prompt; drop --prompts_file or --stream")
     engine = load_model(args.checkpoint, args.device, args.dtype, args.compile)
+    check_architecture(engine, architecture, args.checkpoint, "inference.py")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          seed=None if args.seed < 0 else args.seed)
+    for i, prompt in enumerate(prompts):
+        note = engine.crop_note(prompt)
+        if note:
+            print(note if len(prompts) == 1 else f"prompt {i + 1}: {note}", file=sys.stderr)
     start = time.perf_counter()
     if args.stream:
-        print(prompts[0], end="", flush=True)
+        if not args.json:
+            print(prompts[0], end="", flush=True)
         stream = engine.stream(prompts[0], cfg)
         pieces = []
         for piece in stream:
             pieces.append(piece)
-            print(piece, end="", flush=True)
-        print()
+            if args.json:  # a JSON line per piece, as an OpenAI-style stream sends deltas; the record follows
+                print(json.dumps({"delta": piece}), flush=True)
+            else:
+                print(piece, end="", flush=True)
+        if not args.json:
+            print()
         completions, counts = ["".join(pieces)], [stream.n_tokens]
     else:
         ids = engine.continuation_ids(prompts, cfg)

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from smolhub.config import TrainConfig
+from smolhub.run_dir import unwritable
 
 
 class MetricsLogger:
@@ -26,16 +27,23 @@ class MetricsLogger:
         # by the interrupted run are dropped, since they are about to be trained again.
         kept = [r for r in self.records() if r["step"] <= start_step] if start_step else []
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise unwritable(self.path, e)
         if cfg.wandb_mode != "disabled":
             self.wandb = _start_wandb(cfg, run_config, out_dir, resumed=start_step > 0)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise unwritable(self.path, e)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -73,9 +81,14 @@ class MetricsLogger:
         ax.legend()
         fig.tight_layout()
         tmp = self.png.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.png)
+        try:
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, self.png)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise unwritable(self.png, e)
+        finally:
+            plt.close(fig)
 
     def finish(self) -> None:
         self.plot()

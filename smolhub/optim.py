@@ -43,14 +43,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based): linear warmup, then the schedule."""
+    """Multiplier of the peak learning rate at `step` (0-based): linear warmup, then the schedule; the
+    cosine reaches its floor at cfg.horizon and stays there."""
     if step < cfg.warmup_steps:
         return (step + 1) / (cfg.warmup_steps + 1)
     floor = cfg.min_lr / cfg.lr
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.horizon - cfg.warmup_steps))
     else:  # cosine_restarts: SGDR, the decay restarts from the peak every restart_period steps
         progress = ((step - cfg.warmup_steps) % cfg.restart_period) / cfg.restart_period
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -96,21 +96,46 @@ def gather_rng_states(rt: Runtime) -> list[dict]:
     return states
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal ended the run; the process exits with 128 + the signal's number, as the shell
+    reports a process killed by it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignal:
-    """SIGTERM/SIGINT ask the loop to save and stop at the end of the current step."""
+    """SIGTERM/SIGINT for the whole run. During setup (tokenizer training, data preparation) a
+    signal interrupts at once, as Ctrl-C normally does; once `defer()`ed (the training loop) it
+    asks the loop to save and stop at the end of the current step. Either way it is remembered, so
+    a library that swallows the KeyboardInterrupt (tokenizers' BPE trainer, a __del__ it lands in)
+    cannot lose it: `raise_if_stopped()` raises it again at the next boundary."""
+
+    active: "StopSignal | None" = None
 
     def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self.signum: int | None = None
+        self.deferred = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        StopSignal.active = self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signum = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        StopSignal.active = None
 
     def agreed(self, rt: Runtime) -> bool:
         """All ranks stop together: one rank's signal stops every rank."""
@@ -119,6 +144,14 @@ class StopSignal:
         flag = torch.tensor([int(self.requested)], device=rt.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop signal that arrived during this run's setup, if one did (call it before
+    keeping a result that an interrupted computation may have cut short)."""
+    stop = StopSignal.active
+    if stop is not None and stop.requested:
+        raise Interrupted(stop.signum)
 
 
 def on_main_first(rt: Runtime, fn):
@@ -139,3 +172,10 @@ def mean_over_ranks(value: torch.Tensor, rt: Runtime) -> float:
         if rt.device.type != "cuda":  # gloo has no AVG
             value /= rt.world_size
     return value.item()
+
+
+def max_over_ranks(value: torch.Tensor, rt: Runtime) -> int:
+    if rt.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())

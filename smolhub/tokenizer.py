@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from smolhub.errors import UserError
+from smolhub.runtime import raise_if_stopped
 
 EOS = "<|endoftext|>"
 
@@ -155,6 +156,7 @@ def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]], bpe_vocab_siz
         if folder.is_dir():
             return load_tokenizer(folder)
         tok = train_bpe(texts(), bpe_vocab_size)
+        raise_if_stopped()  # a Ctrl-C the BPE trainer swallowed may have cut its corpus short: never cache that
         _save_atomically(tok, folder)
         return tok
     if Path(spec).expanduser().is_dir():
@@ -170,3 +172,24 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
     spec.pop("truncation", None)
     spec.pop("padding", None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character: printable bytes as
+    themselves, the other 68 as the characters from U+0100 on. This maps those characters back."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> list[int]:
+    """The UTF-8 bytes each token id stands for (0 for special tokens and unused embedding rows):
+    the denominator of bits per byte, which makes losses comparable across tokenizers."""
+    alphabet = _byte_level_alphabet()
+    special = set(tokenizer.all_special_ids)
+    lengths = [0] * vocab_size
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size and i not in special:
+            lengths[i] = len(token) if all(c in alphabet for c in token) else len(
+                tokenizer.decode([i]).encode("utf-8"))
+    return lengths

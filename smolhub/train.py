@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,15 +23,18 @@ import torch.nn as nn
 from safetensors.torch import load_model as load_safetensors_into
 from tqdm import tqdm
 
-from smolhub.checkpoint import latest_checkpoint, load_checkpoint, load_trainer_state, read_config, save_checkpoint
-from smolhub.config import ModelConfig, TrainConfig, pad_vocab
+from smolhub.checkpoint import (LoadedCheckpoint, list_checkpoints, load_checkpoint, read_config, read_meta,
+                                resume_point, save_checkpoint)
+from smolhub.config import ModelConfig, TrainConfig, pad_vocab, reconcile_with_checkpoint
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig
 from smolhub.log import MetricsLogger
 from smolhub.objectives import NextTokenPrediction, Objective
 from smolhub.optim import build_optimizer, build_scheduler
-from smolhub.runtime import (Runtime, StopSignal, autocast, autocast_dtype, gather_rng_states, mean_over_ranks,
-                             on_main_first, set_rng_state, setup_runtime, teardown_runtime)
+from smolhub.run_dir import RunDir, unwritable
+from smolhub.runtime import (Interrupted, Runtime, StopSignal, autocast, autocast_dtype, gather_rng_states,
+                             max_over_ranks, mean_over_ranks, on_main_first, raise_if_stopped, set_rng_state,
+                             setup_runtime, teardown_runtime)
 
 
 def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
@@ -46,7 +50,7 @@ def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
 def seq_len_at(step: int, cfg: TrainConfig, block_size: int) -> int:
     """Progressive sequence length: equal shares of the steps for each stage, then the full context."""
     stages = cfg.seq_lens() + [block_size]
-    return stages[min(len(stages) - 1, step * len(stages) // cfg.max_steps)]
+    return stages[min(len(stages) - 1, step * len(stages) // cfg.horizon)]
 
 
 def check_seq_len_stages(cfg: TrainConfig, block_size: int) -> None:
@@ -155,8 +159,13 @@ class Trainer:
     accum: int
     tokens_per_step: int
     peak_flops: float
+    run_id: str | None
     step: int = 0
     tokens_seen: int = 0
+    first_nonfinite: torch.Tensor | None = None  # the first step whose loss was nan/inf (0: none), kept on the device
+
+    def __post_init__(self):
+        self.first_nonfinite = torch.zeros((), dtype=torch.long, device=self.rt.device)
 
     def train_step(self, seq_len: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimizer step over `accum` micro-batches; returns the step's metrics and gradient norm."""
@@ -166,6 +175,7 @@ class Trainer:
             sync = micro == self.accum - 1 or not self.rt.distributed  # DDP all-reduces on the last only
             with (contextlib.nullcontext() if sync else self.step_model.no_sync()), self.amp:
                 loss, micro_metrics = self.objective(self.step_model, batch)
+            self.watch_finite(loss)
             self.scaler.scale(loss / self.accum).backward()
             for name, value in micro_metrics.items():
                 metrics[name] = metrics.get(name, 0) + value / self.accum
@@ -180,21 +190,52 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return metrics, grad_norm
 
+    def watch_finite(self, loss: torch.Tensor) -> None:
+        """Note the first step whose loss is not finite, without waiting for the device."""
+        bad = ~torch.isfinite(loss.detach()) & (self.first_nonfinite == 0)
+        self.first_nonfinite = torch.where(bad, self.step + 1, self.first_nonfinite)
+
+    def check_finite(self) -> None:
+        """Stop the run once its loss has gone nan/inf (every rank together), before anything of it is
+        logged as if it were training or saved."""
+        bad_step = max_over_ranks(self.first_nonfinite, self.rt)
+        if bad_step:
+            self.stop_non_finite("the training loss", bad_step)
+
+    def stop_non_finite(self, what: str, step: int) -> None:
+        ckpts = self.own_checkpoints()
+        last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved"
+        raise UserError(f"{what} became nan or inf at step {step}: stopped at step {self.step} without saving; "
+                        f"{last}. Lower --lr (now {self.cfg.lr:g}) or raise --warmup_steps and start again")
+
+    def own_checkpoints(self) -> list[Path]:
+        return [p for p in list_checkpoints(self.out_dir) if read_meta(p).get("run_id") == self.run_id]
+
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.step_model, self.objective, self.make_val_loader, self.cfg.eval_batches, self.amp,
                         self.rt)
 
     def save(self, val_loss: float | None) -> None:
+        self.check_finite()
         states = gather_rng_states(self.rt)  # a collective: every rank takes part
         if not self.rt.is_main:
             return
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+            self.stop_non_finite("the weights", self.step)
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss, "dataset": self.cfg.dataset,
-                "params": self.model.num_params(), "active_params": self.model.num_active_params()}
+                "params": self.model.num_params(), "active_params": self.model.num_active_params(),
+                "run_id": self.run_id}
         trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                          "loader": self.loader.state_dict(), "rng": states, "train_config": asdict(self.cfg)}
-        path = save_checkpoint(self.out_dir, self.step, self.model, self.sampler.tokenizer, meta, trainer_state,
-                               self.cfg.keep_last)
+        try:
+            path = save_checkpoint(self.out_dir, self.step, self.model, self.sampler.tokenizer, meta, trainer_state,
+                                   self.cfg.keep_last)
+        except OSError as e:
+            previous = self.own_checkpoints()
+            kept = f"{previous[-1]} is intact: continue from it with --resume" if previous else "nothing was saved"
+            raise UserError(f"{unwritable(self.out_dir, e)}; the checkpoint of step {self.step} was not saved, "
+                            f"{kept}")
         self.logger.write(f"saved {path}")
 
     def log_record(self, window: MetricWindow, seq_len: int, grad_norm: torch.Tensor) -> dict:
@@ -207,11 +248,11 @@ class Trainer:
         return record
 
 
-def fit(t: Trainer) -> dict:
+def fit(t: Trainer, stop: StopSignal) -> dict:
     """The training loop: step, then log / evaluate / sample / save as `Due` says, until max_steps
     or a stop signal."""
     cfg = t.cfg
-    stop = StopSignal()
+    stop.defer()
     t.model.train()
     pbar = tqdm(total=cfg.max_steps, initial=t.step, disable=not t.rt.is_main, dynamic_ncols=True)
     last_val: float | None = None
@@ -220,6 +261,7 @@ def fit(t: Trainer) -> dict:
         t.logger.log({"step": 0, "tokens": 0, "val_loss": last_val})
         t.logger.write(f"step 0: val loss {last_val:.4f}")
     window = MetricWindow()
+    stopping = False
     try:
         while t.step < cfg.max_steps:
             seq_len = seq_len_at(t.step, cfg, t.model.config.block_size)
@@ -229,6 +271,8 @@ def fit(t: Trainer) -> dict:
 
             stopping = stop.agreed(t.rt)
             due = Due.at(t.step, cfg, stopping)
+            if due.log or due.eval or due.save:
+                t.check_finite()
             record = {"step": t.step, "tokens": t.tokens_seen}
             if due.log:
                 record.update(t.log_record(window, seq_len, grad_norm))
@@ -244,15 +288,16 @@ def fit(t: Trainer) -> dict:
                 t.save(last_val)
                 t.logger.plot()
             if stopping:
-                t.logger.write(f"stopped by signal at step {t.step}; resume with --resume")
+                by = signal.Signals(stop.signum).name if stop.signum else "another process's signal"
+                t.logger.write(f"stopped by {by} at step {t.step}; continue with --resume")
                 break
             if due.log:
                 window.restart_clock()  # evaluation, samples and saves stay out of tok/s
     finally:
-        stop.restore()
         pbar.close()
         t.logger.finish()
-    return {"step": t.step, "tokens_seen": t.tokens_seen, "val_loss": last_val, "out_dir": str(t.out_dir)}
+    return {"step": t.step, "tokens_seen": t.tokens_seen, "val_loss": last_val, "out_dir": str(t.out_dir),
+            "stopped_by": (stop.signum or signal.SIGTERM) if stopping else None}
 
 
 def progress_postfix(record: dict) -> dict:
@@ -263,17 +308,25 @@ def progress_postfix(record: dict) -> dict:
 
 
 def train(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig,
-          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction) -> dict:
-    """Train model_cls and return the final metrics. Sets up and tears down the process group."""
+          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction,
+          explicit: frozenset[str] = frozenset()) -> dict:
+    """Train model_cls and return the final metrics. Owns the process group, the stop signals and
+    the lock on the output folder for the whole run, setup included. `explicit`: the fields given
+    on the command line or in --config (cli.Parsed), which a checkpoint may not silently override."""
     rt = setup_runtime(cfg)
+    stop = StopSignal()
+    run_dir = RunDir(cfg.out_dir or f"out/{model_cls.__name__}")
     try:
-        return fit(setup(model_cls, mcfg, cfg, rt, make_objective))
+        return fit(setup(model_cls, mcfg, cfg, rt, run_dir, make_objective, explicit), stop)
     finally:
+        stop.restore()
+        run_dir.release()
         teardown_runtime(rt)
 
 
-def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: Runtime,
-          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction) -> Trainer:
+def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: Runtime, run_dir: RunDir,
+          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction,
+          explicit: frozenset[str] = frozenset()) -> Trainer:
     """Build a run: its starting point (new, --resume or --init_from), tokenizer and data, model,
     optimizer, what runs the step, and the logger."""
     from smolhub.data import PackedLoader
@@ -282,16 +335,15 @@ def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: R
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    out_dir = Path(cfg.out_dir or f"out/{model_cls.__name__}")
+    out_dir = run_dir.path
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
     use_cuda_graphs(cfg, rt, use_compile, accum=1)  # where they can never run, fail before the data is read
-    resume_from = latest_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise UserError(f"--resume: no complete checkpoint in {out_dir}; drop --resume to start a new run")
-    base = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    start = starting_point(mcfg, cfg, rt, run_dir, explicit)
+    mcfg, cfg, resume_from, base = start.mcfg, start.cfg, start.resume_from, start.base
 
     tokenizer, data = prepare_data(cfg, mcfg, rt, resume_from, base)
-    model = build_model(model_cls, mcfg, cfg, tokenizer, resume_from or (base.path if base else None))
+    raise_if_stopped()
+    model = build_model(model_cls, mcfg, cfg, tokenizer)
     if base is not None:
         model.load_state_dict(base.model.state_dict())
     model.to(rt.device)
@@ -308,7 +360,7 @@ def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: R
     loader = packed_loader(data.train_shards, shuffle=True)
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        step, tokens_seen = restore(resume_from, model, optimizer, scheduler, scaler, loader, rt)
+        step, tokens_seen = restore(resume_from, start.state, model, optimizer, scheduler, scaler, loader, rt)
     accum = grad_accum_steps(cfg, block_size, rt.world_size)
     graphs = use_cuda_graphs(cfg, rt, use_compile, accum)
     tokens_per_step = accum * cfg.batch_size * block_size * rt.world_size
@@ -316,6 +368,8 @@ def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: R
                   "world_size": rt.world_size, "tokens_per_step": tokens_per_step,
                   "params": model.num_params(), "active_params": model.num_active_params()}
     logger = MetricsLogger(out_dir, cfg, run_config, enabled=rt.is_main, start_step=step)
+    for note in start.notes:
+        logger.write(note)
     where = f"resuming {resume_from} at step {step}" if resume_from else "starting"
     logger.write(f"{model_cls.__name__}: {model.num_params() / 1e6:.2f}M parameters "
                  f"({model.num_active_params() / 1e6:.2f}M active), {where}; {rt.world_size} process(es) on "
@@ -327,7 +381,42 @@ def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: R
                    make_val_loader=lambda: packed_loader(data.val_shards, shuffle=False), logger=logger,
                    out_dir=out_dir, accum=accum, tokens_per_step=tokens_per_step,
                    peak_flops=(cfg.peak_tflops or (989.5 if rt.device.type == "cuda" else 0.0)) * 1e12,
-                   step=step, tokens_seen=tokens_seen)
+                   run_id=start.run_id, step=step, tokens_seen=tokens_seen)
+
+
+@dataclass
+class StartingPoint:
+    """Where a run starts (new; the checkpoint --resume continues, with its trainer state; or the
+    weights --init_from starts from), the configs settled against it, and the run's id."""
+    mcfg: ModelConfig
+    cfg: TrainConfig
+    run_id: str | None
+    notes: list[str]
+    resume_from: Path | None = None
+    state: dict | None = None
+    base: LoadedCheckpoint | None = None
+
+
+def starting_point(mcfg: ModelConfig, cfg: TrainConfig, rt: Runtime, run_dir: RunDir,
+                   explicit: frozenset[str]) -> StartingPoint:
+    """Claim the output folder (rank 0), find the checkpoint to start from, settle the configs
+    with it (refusing what it fixes), and only then make the folder hold this run: a refusal
+    leaves another run's files where they are."""
+    if rt.is_main:
+        run_dir.claim()
+    resume_from, state, notes = on_main_first(rt, lambda: resume_point(cfg.resume, run_dir.path)) \
+        if cfg.resume else (None, None, [])
+    base = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    if resume_from is not None or base is not None:
+        mcfg, cfg, settled = reconcile_with_checkpoint(
+            mcfg, cfg, explicit, resume_from or base.path, read_config(resume_from) if resume_from else base.config,
+            state["train_config"] if resume_from else None)
+        notes += settled
+    run_id = None
+    if rt.is_main:
+        run_id = run_dir.continue_run(read_meta(resume_from).get("run_id"), resume_from) if resume_from \
+            else run_dir.start_new(cfg.overwrite)
+    return StartingPoint(mcfg, cfg, run_id, notes, resume_from, state, base)
 
 
 def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rt: Runtime, resume_from: Path | None, base):
@@ -346,12 +435,9 @@ def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rt: Runtime, resume_from: 
     return tokenizer, on_main_first(rt, lambda: training_data(cfg, tokenizer, block_size))
 
 
-def build_model(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, tokenizer,
-                checkpoint: Path | None) -> nn.Module:
-    """A fresh model of mcfg, or of the checkpoint's own config when continuing from one."""
-    if checkpoint is not None:
-        mcfg = model_cls.config_class.from_dict(read_config(checkpoint)["model"])
-    elif mcfg.vocab_size == 0:
+def build_model(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, tokenizer) -> nn.Module:
+    """A fresh model of mcfg (for a run from a checkpoint, already reconciled with its config)."""
+    if mcfg.vocab_size == 0:
         mcfg.vocab_size = pad_vocab(len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
         raise UserError(f"--vocab_size {mcfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
@@ -370,11 +456,12 @@ def step_model_for(model: nn.Module, rt: Runtime, use_compile: bool, graphs: boo
     return model
 
 
-def restore(folder: Path, model: nn.Module, optimizer, scheduler, scaler, loader, rt: Runtime) -> tuple[int, int]:
-    """Continue exactly where the checkpoint in `folder` stopped: weights, optimizer, schedule, loss
-    scale, data position and every rank's RNG. Returns (step, tokens seen)."""
+def restore(folder: Path, state: dict, model: nn.Module, optimizer, scheduler, scaler, loader,
+            rt: Runtime) -> tuple[int, int]:
+    """Continue exactly where the checkpoint in `folder` (with trainer state `state`) stopped:
+    weights, optimizer, schedule, loss scale, data position and every rank's RNG. Returns (step,
+    tokens seen)."""
     load_safetensors_into(model, str(folder / "model.safetensors"))
-    state = load_trainer_state(folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -402,10 +489,12 @@ def main(model_cls: type[nn.Module], argv: list[str] | None = None) -> dict:
     from smolhub.cli import parse_cli
 
     config = importlib.import_module(model_cls.config_class.__module__)
-    mcfg, cfg = parse_cli((model_cls.config_class, TrainConfig), config.PRESETS, argv,
+    mcfg, cfg = parsed = parse_cli((model_cls.config_class, TrainConfig), config.PRESETS, argv,
                           defaults=config.TRAIN_DEFAULTS, prog=f"{model_cls.__name__}/trainer.py",
                           description=f"Train {model_cls.__name__}.")
-    result = train(model_cls, mcfg, cfg)
+    result = train(model_cls, mcfg, cfg, explicit=parsed.explicit)
+    if result["stopped_by"] is not None:
+        raise Interrupted(result["stopped_by"])
     if int(os.environ.get("RANK", 0)) == 0:
         val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
         print(f"done: step {result['step']}, {result['tokens_seen']:,} tokens, val loss {val}, "

@@ -24,7 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 PROMPT = "Once upon a time"
 TOKENS = 40  # new tokens per request in most tests
-BLOCK_SIZE = 512  # of the test model, so the apps cap new tokens at 511, below their default limit of 512
+BLOCK_SIZE = 512  # of the test model; the apps' default limit on new tokens is 512 too
 
 
 def expected(model, prompt=PROMPT, max_length=TOKENS, temperature=0.8, top_k=0, top_p=1.0,
@@ -245,7 +245,7 @@ def test_api_rejects_bad_input_and_keeps_serving(url, client):
     from gradio_client.exceptions import AppError
 
     for kwargs, message in [({"prompt": ""}, "prompt is empty"),
-                            ({"prompt": PROMPT, "max_new_tokens": 10_000}, "between 1 and 511"),
+                            ({"prompt": PROMPT, "max_new_tokens": 10_000}, "between 1 and 512"),
                             ({"prompt": "x" * 2001}, "limit of 2000"),
                             ({"prompt": PROMPT, "top_p": 0}, "top_p"),
                             ({"prompt": PROMPT, "temperature": "hot"}, "temperature must be a finite number")]:

@@ -61,7 +61,7 @@ def test_prompt_is_cropped_to_fit_the_context():
     prompt = torch.randint(0, 320, (1, 50))
     out = list(generate_ids(model, prompt, SamplingConfig(max_new_tokens=10, temperature=0)))
     assert len(out) == 10
-    reference = list(generate_ids(model, prompt[:, -22:], SamplingConfig(max_new_tokens=10, temperature=0)))
+    reference = list(generate_ids(model, prompt[:, -32:], SamplingConfig(max_new_tokens=10, temperature=0)))
     assert torch.equal(torch.stack(out), torch.stack(reference))
 
 

@@ -121,16 +121,16 @@ def test_generation_crops_the_prompt_to_the_context():
     prompt = torch.randint(0, 320, (2, 50))
     out = torch.stack(list(generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0))), 1)
     assert out.shape == (2, 12)
-    # the kept prompt is the last 32 - 12 = 20 tokens: the same continuation as from those alone ...
-    same = torch.stack(list(generate_ids(model, prompt[:, -20:], SamplingConfig(max_new_tokens=12, temperature=0))), 1)
+    # the kept prompt is the last 32 tokens: the same continuation as from those alone ...
+    same = torch.stack(list(generate_ids(model, prompt[:, -32:], SamplingConfig(max_new_tokens=12, temperature=0))), 1)
     assert torch.equal(out, same)
-    # ... and as greedy decoding without a cache, each step seeing the last tokens that fit
-    idx = prompt[:, -20:]
+    # ... and as greedy decoding without a cache, each step seeing the last 32 tokens
+    idx = prompt
     for _ in range(12):
-        idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, idx[:, 20:])
-    with pytest.raises(UserError, match="must be below the model's context"):
-        next(generate_ids(model, prompt, SamplingConfig(max_new_tokens=32)))
+        idx = torch.cat([idx, model(idx[:, -32:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, idx[:, 50:])
+    # a generation longer than the context slides along it, never past the 32 positions
+    assert len(list(generate_ids(model, prompt, SamplingConfig(max_new_tokens=40)))) == 40
 
 
 def test_prepared_data_then_tiny_run_with_real_gpt2_tokenizer(tmp_path, capsys):

@@ -124,7 +124,7 @@ def test_kill_during_checkpointing_never_leaves_a_loadable_partial(tmp_path):
     assert latest_checkpoint(out) != partial
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_signal(tmp_path):
     data = tmp_path / "data"
     out = tmp_path / "out"
     run_script(tiny_train_args(tmp_path / "warm", data, "--max_steps", "1"), LLAMA, tmp_path)
@@ -138,8 +138,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    assert "stopped by signal" in output
+    assert proc.returncode == 128 + signal.SIGTERM, output  # as the shell reports a process that SIGTERM ended
+    assert "stopped by SIGTERM" in output and "done:" not in output
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and 0 < load_trainer_state(ckpt)["step"] < 100000
 
@@ -193,8 +193,6 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
                    "not found")
     one_line_error(run_script(["inference.py", "--checkpoint", str(trained), "--prompt", ""], LLAMA, check=False),
                    "prompt is empty")
-    one_line_error(run_script(["inference.py", "--checkpoint", str(trained), "--max_new_tokens", "500"], LLAMA,
-                              check=False), "max_new_tokens")
     one_line_error(run_script(["inference.py", "--checkpoint", str(tmp_path)], LLAMA, check=False),
                    "not a SmolHub checkpoint")
     one_line_error(run_script(["inference.py", "--checkpoint", str(trained), "--device", "cpu", "--compile"], LLAMA,

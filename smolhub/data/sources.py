@@ -57,9 +57,6 @@ def _local_files(dataset: str) -> tuple[list[Path], list[Path]]:
         raise UserError(f"{path} holds no .txt/.jsonl/.json/.parquet files (optionally .gz): {_DATASET_HINT}")
     val = [p for p in files if _VAL_FILE.match(p.name)]
     train = [p for p in files if not _VAL_FILE.match(p.name)]
-    if not train:
-        raise UserError(f"{path} holds only validation files ({', '.join(p.name for p in val)}): "
-                        f"add training files or point --dataset at them")
     return train, val
 
 
@@ -192,5 +189,8 @@ def iter_documents(dataset: str, split: str = "train", *, cache_dir: str | None 
         documents = _hub_documents(dataset, split)
     else:
         train, val = _local_files(dataset)
+        if split == "train" and not train:  # a folder of validation files serves --val_dataset, not --dataset
+            raise UserError(f"{dataset} holds only validation files ({', '.join(p.name for p in val)}): "
+                            f"add training files or point --dataset at them")
         documents = _local_documents(val if split == "validation" else train)
     return _nonempty(documents, dataset)
