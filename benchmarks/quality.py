@@ -32,7 +32,7 @@ from smolhub.data.__main__ import parse_count
 from smolhub.data.sources import dataset_identity
 from smolhub.generate import SamplingConfig, generate_batch
 from smolhub.modeling import model_class
-from smolhub.objectives import NextTokenPrediction
+from smolhub.objectives import NextTokenPrediction, Objective
 from smolhub.optim import adamw_param_groups, build_optimizer, build_scheduler
 from smolhub.runtime import Runtime
 from smolhub.tokenizer import build_tokenizer, gpt2_tokenizer
@@ -68,10 +68,12 @@ class HFSide(torch.nn.Module):
         return None, loss if aux is None else loss + self.aux_weight * aux
 
 
-def forward_loss(step_model, batch):
+class ForwardLoss(Objective):
     """The objective of the transformers twins, which have no aux_loss hook: their forward's loss."""
-    _, loss = step_model(*batch)
-    return loss, {"loss": loss.detach()}
+
+    def __call__(self, step_model, batch):
+        _, loss = step_model(*batch)
+        return loss, {"loss": loss.detach()}
 
 
 def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str, data, args, seq_len: int,
@@ -92,7 +94,7 @@ def train_one(label: str, model: torch.nn.Module, is_ours: bool, optimizer: str,
 
     def val_loader():
         return PackedLoader(data.val_shards, data.dtype, batch, seq_len, shuffle=False)
-    objective = NextTokenPrediction(model) if is_ours else forward_loss
+    objective = NextTokenPrediction(model) if is_ours else ForwardLoss()
     eval_every = max(1, steps // args.evals)
     curve, t_train = [], 0.0
     if device.type == "cuda":

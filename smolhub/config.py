@@ -154,6 +154,9 @@ class TrainConfig:
     tokens_per_step: int = option(0, "Tokens per optimizer step over all processes; gradient accumulation "
                                   "makes up the rest. 0 = one micro-batch per process.")
     max_steps: int = option(5000, "Optimizer steps to train for.")
+    max_seconds: float = option(0.0, "Also stop (evaluate, save, exit 0) once this many seconds were spent training "
+                                "(the steps, compile included; evaluation, samples and saves not); 0 = no limit. "
+                                "The schedule stays laid out over --max_steps: for runs compared at equal time.")
     lr: float = option(6e-4, "Peak learning rate.")
     min_lr: float = option(6e-5, "Floor of the cosine decay.")
     warmup_steps: int = option(200, "Linear warmup steps.")
@@ -223,7 +226,7 @@ class TrainConfig:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         check_finite(self)
         for name in ["warmup_steps", "tokens_per_step", "sample_interval", "keep_last", "max_tokens", "schedule_steps",
-                     "weight_decay", "grad_clip", "peak_tflops"]:
+                     "weight_decay", "grad_clip", "peak_tflops", "max_seconds"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ["beta1", "beta2"]:
@@ -265,7 +268,7 @@ class TrainConfig:
 INVOCATION_FIELDS = frozenset({
     "out_dir", "resume", "overwrite", "init_from", "data_dir", "num_proc", "device", "compile", "cuda_graphs",
     "deterministic", "eval_interval", "eval_batches", "log_interval", "sample_interval", "sample_prompt",
-    "wandb_mode", "wandb_project", "run_name", "peak_tflops", "save_interval", "keep_last"})
+    "wandb_mode", "wandb_project", "run_name", "peak_tflops", "save_interval", "keep_last", "max_seconds"})
 
 
 def reconcile_with_checkpoint(mcfg: ModelConfig, cfg: TrainConfig, explicit: Collection[str], checkpoint: Path,

@@ -68,17 +68,22 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, (ax, bpb_ax) = plt.subplots(1, 2, figsize=(11, 4))
         train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
         val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+        bpb = [(r["tokens"], r["val_bpb"]) for r in records if "val_bpb" in r]
         if train:
             ax.plot(*zip(*train), label="train", linewidth=1)
         if val:
             ax.plot(*zip(*val), "o-", label="val", markersize=3)
-        ax.set_xlabel("tokens")
         ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
         ax.legend()
+        if bpb:  # the tokenizer-independent scale, comparable across models
+            bpb_ax.plot(*zip(*bpb), "o-", color="C1", markersize=3)
+        bpb_ax.set_ylabel("val bits per byte")
+        for a in (ax, bpb_ax):
+            a.set_xlabel("tokens")
+            a.grid(alpha=0.3)
         fig.tight_layout()
         tmp = self.png.with_suffix(".tmp.png")
         try:

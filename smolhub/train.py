@@ -35,6 +35,7 @@ from smolhub.run_dir import RunDir, unwritable
 from smolhub.runtime import (Interrupted, Runtime, StopSignal, autocast, autocast_dtype, gather_rng_states,
                              max_over_ranks, mean_over_ranks, on_main_first, raise_if_stopped, set_rng_state,
                              setup_runtime, teardown_runtime)
+from smolhub.tokenizer import token_byte_lengths
 
 
 def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
@@ -80,8 +81,8 @@ class Due:
     save: bool
 
     @classmethod
-    def at(cls, step: int, cfg: TrainConfig, stopping: bool) -> "Due":
-        last = step == cfg.max_steps
+    def at(cls, step: int, cfg: TrainConfig, stopping: bool, out_of_time: bool = False) -> "Due":
+        last = step == cfg.max_steps or out_of_time
 
         def every(interval: int) -> bool:
             return last or (interval > 0 and step % interval == 0)
@@ -134,7 +135,8 @@ def evaluate(step_model: nn.Module, objective: Objective, make_loader: Callable[
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0) + value.float()  # a new tensor: a CUDA graph reuses its outputs
     step_model.train()
-    return {f"val_{name}": mean_over_ranks(total / n_batches, rt) for name, total in sums.items()}
+    means = objective.summarize({name: mean_over_ranks(total / n_batches, rt) for name, total in sums.items()})
+    return {f"val_{name}": value for name, value in means.items()}
 
 
 @dataclass
@@ -162,6 +164,7 @@ class Trainer:
     run_id: str | None
     step: int = 0
     tokens_seen: int = 0
+    train_seconds: float = 0.0  # spent in training steps (for --max_seconds), carried over a resume
     first_nonfinite: torch.Tensor | None = None  # the first step whose loss was nan/inf (0: none), kept on the device
 
     def __post_init__(self):
@@ -208,6 +211,15 @@ class Trainer:
         raise UserError(f"{what} became nan or inf at step {step}: stopped at step {self.step} without saving; "
                         f"{last}. Lower --lr (now {self.cfg.lr:g}) or raise --warmup_steps and start again")
 
+    def out_of_time(self) -> bool:
+        """--max_seconds reached (on any rank: all stop together)."""
+        if not self.cfg.max_seconds:
+            return False
+        spent = self.train_seconds >= self.cfg.max_seconds
+        if not self.rt.distributed:
+            return spent
+        return max_over_ranks(torch.tensor(int(spent), device=self.rt.device), self.rt) > 0
+
     def own_checkpoints(self) -> list[Path]:
         return [p for p in list_checkpoints(self.out_dir) if read_meta(p).get("run_id") == self.run_id]
 
@@ -225,7 +237,8 @@ class Trainer:
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss, "dataset": self.cfg.dataset,
                 "params": self.model.num_params(), "active_params": self.model.num_active_params(),
                 "run_id": self.run_id}
-        trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+        trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                         "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                          "loader": self.loader.state_dict(), "rng": states, "train_config": asdict(self.cfg)}
         try:
@@ -242,6 +255,8 @@ class Trainer:
         record = window.flush(self.rt)
         record.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), seq_len=seq_len,
                       **self.model.train_metrics())
+        if self.rt.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
         if self.peak_flops:
             record["mfu"] = (self.model.flops_per_token(seq_len) * record["tok_per_s"]
                              / (self.peak_flops * self.rt.world_size))
@@ -257,23 +272,27 @@ def fit(t: Trainer, stop: StopSignal) -> dict:
     pbar = tqdm(total=cfg.max_steps, initial=t.step, disable=not t.rt.is_main, dynamic_ncols=True)
     last_val: float | None = None
     if t.step == 0:  # the starting point of the curve
-        last_val = t.evaluate()["val_loss"]
-        t.logger.log({"step": 0, "tokens": 0, "val_loss": last_val})
+        first = t.evaluate()
+        last_val = first["val_loss"]
+        t.logger.log({"step": 0, "tokens": 0, "seconds": 0.0, **first})
         t.logger.write(f"step 0: val loss {last_val:.4f}")
     window = MetricWindow()
     stopping = False
     try:
         while t.step < cfg.max_steps:
+            started = time.perf_counter()
             seq_len = seq_len_at(t.step, cfg, t.model.config.block_size)
             metrics, grad_norm = t.train_step(seq_len)
             window.add(metrics, t.tokens_per_step)
             pbar.update(1)
+            t.train_seconds += time.perf_counter() - started
 
             stopping = stop.agreed(t.rt)
-            due = Due.at(t.step, cfg, stopping)
+            out_of_time = t.out_of_time()
+            due = Due.at(t.step, cfg, stopping, out_of_time)
             if due.log or due.eval or due.save:
                 t.check_finite()
-            record = {"step": t.step, "tokens": t.tokens_seen}
+            record = {"step": t.step, "tokens": t.tokens_seen, "seconds": t.train_seconds}
             if due.log:
                 record.update(t.log_record(window, seq_len, grad_norm))
             if due.eval:
@@ -287,6 +306,10 @@ def fit(t: Trainer, stop: StopSignal) -> dict:
             if due.save:
                 t.save(last_val)
                 t.logger.plot()
+            if out_of_time and not stopping:
+                t.logger.write(f"--max_seconds {cfg.max_seconds:g}: {t.train_seconds:.1f} s of training, stopped at "
+                               f"step {t.step}")
+                break
             if stopping:
                 by = signal.Signals(stop.signum).name if stop.signum else "another process's signal"
                 t.logger.write(f"stopped by {by} at step {t.step}; continue with --resume")
@@ -302,13 +325,19 @@ def fit(t: Trainer, stop: StopSignal) -> dict:
 
 def progress_postfix(record: dict) -> dict:
     """The progress bar's summary of a log record."""
-    shown = {"loss": "{:.3f}", "lr": "{:.2e}", "tok_per_s": "{:,.0f}", "mfu": "{:.1%}", "val_loss": "{:.3f}"}
-    labels = {"tok_per_s": "tok/s", "val_loss": "val"}
+    shown = {"loss": "{:.3f}", "lr": "{:.2e}", "tok_per_s": "{:,.0f}", "mfu": "{:.1%}", "val_loss": "{:.3f}",
+             "val_bpb": "{:.3f}"}
+    labels = {"tok_per_s": "tok/s", "val_loss": "val", "val_bpb": "bpb"}
     return {labels.get(k, k): fmt.format(record[k]) for k, fmt in shown.items() if k in record}
 
 
+def next_token_prediction(model: nn.Module, tokenizer) -> Objective:
+    """Pretraining's objective, reporting bits per byte in evaluation."""
+    return NextTokenPrediction(model, token_byte_lengths(tokenizer, model.config.vocab_size))
+
+
 def train(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig,
-          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction,
+          make_objective: Callable[[nn.Module, object], Objective] = next_token_prediction,
           explicit: frozenset[str] = frozenset()) -> dict:
     """Train model_cls and return the final metrics. Owns the process group, the stop signals and
     the lock on the output folder for the whole run, setup included. `explicit`: the fields given
@@ -325,7 +354,7 @@ def train(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig,
 
 
 def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: Runtime, run_dir: RunDir,
-          make_objective: Callable[[nn.Module], Objective] = NextTokenPrediction,
+          make_objective: Callable[[nn.Module, object], Objective] = next_token_prediction,
           explicit: frozenset[str] = frozenset()) -> Trainer:
     """Build a run: its starting point (new, --resume or --init_from), tokenizer and data, model,
     optimizer, what runs the step, and the logger."""
@@ -376,12 +405,13 @@ def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: R
                  f"{rt.device.type}, {amp_dtype}, compile={use_compile}, cuda_graphs={graphs}, {tokens_per_step} "
                  f"tokens/step ({accum} micro-batches)")
     return Trainer(cfg=cfg, rt=rt, model=model, step_model=step_model_for(model, rt, use_compile, graphs),
-                   objective=make_objective(model), sampler=Engine(model, tokenizer), optimizer=optimizer,
-                   scheduler=scheduler, scaler=scaler, amp=autocast(rt.device, amp_dtype), loader=loader,
-                   make_val_loader=lambda: packed_loader(data.val_shards, shuffle=False), logger=logger,
+                   objective=make_objective(model, tokenizer), sampler=Engine(model, tokenizer),
+                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=autocast(rt.device, amp_dtype),
+                   loader=loader, make_val_loader=lambda: packed_loader(data.val_shards, shuffle=False), logger=logger,
                    out_dir=out_dir, accum=accum, tokens_per_step=tokens_per_step,
                    peak_flops=(cfg.peak_tflops or (989.5 if rt.device.type == "cuda" else 0.0)) * 1e12,
-                   run_id=start.run_id, step=step, tokens_seen=tokens_seen)
+                   run_id=start.run_id, step=step, tokens_seen=tokens_seen,
+                   train_seconds=start.state.get("train_seconds", 0.0) if start.state else 0.0)
 
 
 @dataclass

@@ -45,9 +45,16 @@ def _dataset_line(dataset: str | None) -> tuple[str, str | None]:
     return f"a local corpus ({Path(dataset).name})", None
 
 
+def report_card_table(markdown: str) -> str:
+    """The table of a report_card.md (smolhub.eval.report), without its heading."""
+    return "\n".join(line for line in markdown.splitlines() if line.startswith("|"))
+
+
 def model_card(repo_id: str, config: dict, params: int, active_params: int, n_tokens: int, metrics: list[dict],
-               samples: list[tuple[str, str]], sampling: str, has_curve: bool, remote_code: bool) -> str:
-    """remote_code: whether the transformers export carries its own modelling code (trust_remote_code=True)."""
+               samples: list[tuple[str, str]], sampling: str, has_curve: bool, remote_code: bool,
+               evaluation: str = "") -> str:
+    """remote_code: whether the transformers export carries its own modelling code (trust_remote_code=True);
+    evaluation: the checkpoint's report card table (report_card_table), if it has one."""
     arch, meta = config["architecture"], config.get("meta", {})
     dataset, dataset_repo = _dataset_line(meta.get("dataset"))
     val_loss = meta.get("val_loss") if meta.get("val_loss") is not None else _last(metrics, "val_loss")
@@ -75,6 +82,8 @@ def model_card(repo_id: str, config: dict, params: int, active_params: int, n_to
         lines.append(f"| final training loss | {train_loss:.4f} nats/token |")
     lines += ["", "Model configuration (`config.json`):", "", "```json", json.dumps(config["model"], indent=2),
               "```", ""]
+    if evaluation:
+        lines += ["## Evaluation", "", evaluation, "", "The same numbers are in `report_card.json`.", ""]
     if has_curve:
         lines += ["## Training curve", "", "![loss curve](loss_curve.png)", ""]
     if samples:

@@ -44,8 +44,8 @@ class UploadPlan:
 
 
 def checkpoint_files(folder: Path, with_trainer_state: bool) -> dict[str, Path]:
-    """The checkpoint's weights, config and tokenizer files (the kinds a pull accepts); the pickled
-    trainer state only when asked for, since a pull never fetches it."""
+    """The checkpoint's weights, config, tokenizer and report card (report_card.json) files (the kinds a
+    pull accepts); the pickled trainer state only when asked for, since a pull never fetches it."""
     files = {p.name: p for p in sorted(folder.iterdir())
              if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")}
     if with_trainer_state:
@@ -61,8 +61,9 @@ def plan_upload(checkpoint: str, repo_id: str, with_trainer_state: bool = False,
     """Everything a push does short of the network: resolve and load the checkpoint, pick the files,
     generate seeded samples and write the model card."""
     from smolhub.checkpoint import load_checkpoint, resolve_checkpoint
+    from smolhub.eval.report import MARKDOWN_NAME
     from smolhub.generate import SamplingConfig, generate_batch
-    from smolhub_hub.card import SAMPLE_PROMPTS, model_card, read_metrics
+    from smolhub_hub.card import SAMPLE_PROMPTS, model_card, read_metrics, report_card_table
     from smolhub_hub.export import adapter_for
 
     check_repo_id(repo_id)
@@ -79,9 +80,12 @@ def plan_upload(checkpoint: str, repo_id: str, with_trainer_state: bool = False,
     completions = generate_batch(model, loaded.tokenizer, list(prompts), sampling)
     described = (f"temperature {sampling.temperature}, top-p {sampling.top_p}, seed {seed}, "
                  f"up to {sampling.max_new_tokens} tokens")
+    report = folder / MARKDOWN_NAME
+    evaluation = report_card_table(report.read_text(encoding="utf-8")) if report.is_file() else ""
     card = model_card(repo_id, loaded.config, model.num_params(), model.num_active_params(),
                       len(loaded.tokenizer), read_metrics(folder.parent), list(zip(prompts, completions)), described,
-                      has_curve=LOSS_CURVE in files, remote_code=adapter_for(loaded.config["architecture"]).REMOTE_CODE)
+                      has_curve=LOSS_CURVE in files, remote_code=adapter_for(loaded.config["architecture"]).REMOTE_CODE,
+                      evaluation=evaluation)
     return UploadPlan(repo_id, folder, files, card)
 
 

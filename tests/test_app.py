@@ -24,6 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 PROMPT = "Once upon a time"
 TOKENS = 40  # new tokens per request in most tests
+LONG_PROMPT = " ".join([PROMPT] * 110)
 BLOCK_SIZE = 512  # of the test model; the apps' default limit on new tokens is 512 too
 
 
@@ -200,7 +201,10 @@ def test_stop_button_cancels_the_stream(url, page):
     set_controls(page, 2, seed=1)
     page.locator("#generate").click()
     page.locator("#stats").get_by_text("tokens/s").wait_for(timeout=30_000)
-    set_controls(page, BLOCK_SIZE - 1, seed=1)  # this seed runs all 511 tokens without sampling EOS
+    # a prompt longer than the context: every step re-reads the whole window, so the stream takes
+    # seconds on any machine, and this seed runs all 511 tokens without sampling EOS
+    set_prompt(page, LONG_PROMPT)
+    set_controls(page, BLOCK_SIZE - 1, seed=1)
     # The page itself presses Stop as soon as the first piece (and the status "Generating...") shows,
     # and notes whether the speed line, written only when a generation ends, appears after that:
     # a round trip through playwright can be slower than the whole generation on a busy machine.
@@ -221,7 +225,7 @@ def test_stop_button_cancels_the_stream(url, page):
     stopped = page.locator("#output textarea").input_value()
     time.sleep(1.0)
     assert page.locator("#output textarea").input_value() == stopped  # nothing arrives after the stop
-    assert stopped.startswith(PROMPT) and not page.evaluate("window.finished")
+    assert stopped.startswith(LONG_PROMPT) and not page.evaluate("window.finished")
 
 
 def test_api_generate_streams_and_matches(client, model):

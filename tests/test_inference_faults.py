@@ -162,11 +162,17 @@ def test_cuda_graph_decoding_slides_past_the_context(name, overrides, compile):
     model = tiny_model(name, **overrides).cuda().eval()
     prompt = torch.randint(0, 320, (2, 100), device="cuda")
     greedy = SamplingConfig(max_new_tokens=NEW, temperature=0)
-    expected = reference(model, prompt, NEW)
+    eager = Engine(model)
+    eager.graph_failed = True  # the same loop, every step run eagerly
+    expected = torch.stack(list(eager.generate_ids(prompt, greedy)), 1)
     engine = Engine(model, compile=compile)
     for _ in range(2):
         assert torch.equal(torch.stack(list(engine.generate_ids(prompt, greedy)), 1), expected)
     assert not engine.graph_failed and len(engine._decoders) == 1
+    # the cache-free reference runs FlexAttention for a sliding window on CUDA, the decoder SDPA on its
+    # ring cache: in MoE routing their rounding can flip a token's experts, so there only most tokens agree
+    agreement = (expected == reference(model, prompt, NEW)).float().mean().item()
+    assert agreement == 1.0 or (name == "StoryMixtral" and agreement > 0.9), agreement
 
 
 # --- the CLI's output and what it loads --------------------------------------------------------
