@@ -14,8 +14,7 @@ by ~1e-6 relative at the default 1e-5 (the export check and tests bound it).
 """
 from __future__ import annotations
 
-from smolhub_hub.state_dict_adapter import (embeddings_from_hf, embeddings_to_hf, norms_from_hf, norms_to_hf,
-                                            swiglu_from_hf, swiglu_to_hf)
+from smolhub_hub.state_dict_adapter import layers_from_hf, layers_to_hf, swiglu_from_hf, swiglu_to_hf
 
 REMOTE_CODE = False
 
@@ -71,31 +70,25 @@ def _moe_from_hf(sd: dict, theirs: str, ours: str, cfg) -> dict:
     return out
 
 
+def _block_to_hf(sd: dict, ours: str, theirs: str, i: int, cfg) -> dict:
+    out = {f"{theirs}.self_attn.{b}.weight": sd[f"{ours}.attn.{a}.weight"] for a, b in ATTENTION
+           if f"{ours}.attn.{a}.weight" in sd}
+    if i < cfg.first_k_dense:
+        return {**out, **swiglu_to_hf(sd, f"{ours}.ffn", f"{theirs}.mlp")}
+    return {**out, **_moe_to_hf(sd, f"{ours}.ffn", f"{theirs}.mlp", cfg)}
+
+
+def _block_from_hf(sd: dict, theirs: str, ours: str, i: int, cfg) -> dict:
+    out = {f"{ours}.attn.{a}.weight": sd[f"{theirs}.self_attn.{b}.weight"] for a, b in ATTENTION
+           if f"{theirs}.self_attn.{b}.weight" in sd}
+    if i < cfg.first_k_dense:
+        return {**out, **swiglu_from_hf(sd, f"{theirs}.mlp", f"{ours}.ffn")}
+    return {**out, **_moe_from_hf(sd, f"{theirs}.mlp", f"{ours}.ffn", cfg)}
+
+
 def to_hf(sd: dict, cfg) -> dict:
-    out = embeddings_to_hf(sd)
-    for i in range(cfg.n_layer):
-        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        out.update(norms_to_hf(sd, ours, theirs))
-        for a, b in ATTENTION:
-            if f"{ours}.attn.{a}.weight" in sd:
-                out[f"{theirs}.self_attn.{b}.weight"] = sd[f"{ours}.attn.{a}.weight"]
-        if i < cfg.first_k_dense:
-            out.update(swiglu_to_hf(sd, f"{ours}.ffn", f"{theirs}.mlp"))
-        else:
-            out.update(_moe_to_hf(sd, f"{ours}.ffn", f"{theirs}.mlp", cfg))
-    return out
+    return layers_to_hf(sd, cfg, lambda sd, ours, theirs, i: _block_to_hf(sd, ours, theirs, i, cfg))
 
 
 def from_hf(sd: dict, cfg) -> dict:
-    out = embeddings_from_hf(sd)
-    for i in range(cfg.n_layer):
-        theirs, ours = f"model.layers.{i}", f"blocks.{i}"
-        out.update(norms_from_hf(sd, theirs, ours))
-        for a, b in ATTENTION:
-            if f"{theirs}.self_attn.{b}.weight" in sd:
-                out[f"{ours}.attn.{a}.weight"] = sd[f"{theirs}.self_attn.{b}.weight"]
-        if i < cfg.first_k_dense:
-            out.update(swiglu_from_hf(sd, f"{theirs}.mlp", f"{ours}.ffn"))
-        else:
-            out.update(_moe_from_hf(sd, f"{theirs}.mlp", f"{ours}.ffn", cfg))
-    return out
+    return layers_from_hf(sd, cfg, lambda sd, theirs, ours, i: _block_from_hf(sd, theirs, ours, i, cfg))

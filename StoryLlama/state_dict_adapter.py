@@ -6,8 +6,8 @@ need no permutation.
 """
 from __future__ import annotations
 
-from smolhub_hub.state_dict_adapter import (attention_from_hf, attention_to_hf, embeddings_from_hf, embeddings_to_hf,
-                                            norms_from_hf, norms_to_hf, swiglu_from_hf, swiglu_to_hf)
+from smolhub_hub.state_dict_adapter import (attention_from_hf, attention_to_hf, layers_from_hf, layers_to_hf,
+                                            swiglu_from_hf, swiglu_to_hf)
 
 REMOTE_CODE = False
 
@@ -31,20 +31,12 @@ def hf_config(cfg, ids: dict):
 
 
 def to_hf(sd: dict, cfg) -> dict:
-    out = embeddings_to_hf(sd)
-    for i in range(cfg.n_layer):
-        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        out.update(norms_to_hf(sd, ours, theirs))
-        out.update(attention_to_hf(sd, f"{ours}.attn", f"{theirs}.self_attn", cfg))
-        out.update(swiglu_to_hf(sd, f"{ours}.ffn", f"{theirs}.mlp"))
-    return out
+    return layers_to_hf(sd, cfg, lambda sd, ours, theirs, i: {
+        **attention_to_hf(sd, f"{ours}.attn", f"{theirs}.self_attn", cfg),
+        **swiglu_to_hf(sd, f"{ours}.ffn", f"{theirs}.mlp")})
 
 
 def from_hf(sd: dict, cfg) -> dict:
-    out = embeddings_from_hf(sd)
-    for i in range(cfg.n_layer):
-        theirs, ours = f"model.layers.{i}", f"blocks.{i}"
-        out.update(norms_from_hf(sd, theirs, ours))
-        out.update(attention_from_hf(sd, f"{theirs}.self_attn", f"{ours}.attn"))
-        out.update(swiglu_from_hf(sd, f"{theirs}.mlp", f"{ours}.ffn"))
-    return out
+    return layers_from_hf(sd, cfg, lambda sd, theirs, ours, i: {
+        **attention_from_hf(sd, f"{theirs}.self_attn", f"{ours}.attn"),
+        **swiglu_from_hf(sd, f"{theirs}.mlp", f"{ours}.ffn")})

@@ -8,8 +8,8 @@ save_pretrained then writes the Hub's per-expert w1/w2/w3 files.
 """
 from __future__ import annotations
 
-from smolhub_hub.state_dict_adapter import (attention_from_hf, attention_to_hf, check_no_capacity, embeddings_from_hf,
-                                            embeddings_to_hf, norms_from_hf, norms_to_hf)
+from smolhub_hub.state_dict_adapter import (attention_from_hf, attention_to_hf, check_no_capacity, layers_from_hf,
+                                            layers_to_hf)
 
 REMOTE_CODE = False
 
@@ -35,24 +35,16 @@ def hf_config(cfg, ids: dict):
 
 
 def to_hf(sd: dict, cfg) -> dict:
-    out = embeddings_to_hf(sd)
-    for i in range(cfg.n_layer):
-        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        out.update(norms_to_hf(sd, ours, theirs))
-        out.update(attention_to_hf(sd, f"{ours}.attn", f"{theirs}.self_attn", cfg))
-        out[f"{theirs}.mlp.gate.weight"] = sd[f"{ours}.moe.router.gate.weight"]
-        out[f"{theirs}.mlp.experts.gate_up_proj"] = sd[f"{ours}.moe.experts.gate_up"].transpose(1, 2).contiguous()
-        out[f"{theirs}.mlp.experts.down_proj"] = sd[f"{ours}.moe.experts.down"].transpose(1, 2).contiguous()
-    return out
+    return layers_to_hf(sd, cfg, lambda sd, ours, theirs, i: {
+        **attention_to_hf(sd, f"{ours}.attn", f"{theirs}.self_attn", cfg),
+        f"{theirs}.mlp.gate.weight": sd[f"{ours}.moe.router.gate.weight"],
+        f"{theirs}.mlp.experts.gate_up_proj": sd[f"{ours}.moe.experts.gate_up"].transpose(1, 2).contiguous(),
+        f"{theirs}.mlp.experts.down_proj": sd[f"{ours}.moe.experts.down"].transpose(1, 2).contiguous()})
 
 
 def from_hf(sd: dict, cfg) -> dict:
-    out = embeddings_from_hf(sd)
-    for i in range(cfg.n_layer):
-        theirs, ours = f"model.layers.{i}", f"blocks.{i}"
-        out.update(norms_from_hf(sd, theirs, ours))
-        out.update(attention_from_hf(sd, f"{theirs}.self_attn", f"{ours}.attn"))
-        out[f"{ours}.moe.router.gate.weight"] = sd[f"{theirs}.mlp.gate.weight"]
-        out[f"{ours}.moe.experts.gate_up"] = sd[f"{theirs}.mlp.experts.gate_up_proj"].transpose(1, 2)
-        out[f"{ours}.moe.experts.down"] = sd[f"{theirs}.mlp.experts.down_proj"].transpose(1, 2)
-    return out
+    return layers_from_hf(sd, cfg, lambda sd, theirs, ours, i: {
+        **attention_from_hf(sd, f"{theirs}.self_attn", f"{ours}.attn"),
+        f"{ours}.moe.router.gate.weight": sd[f"{theirs}.mlp.gate.weight"],
+        f"{ours}.moe.experts.gate_up": sd[f"{theirs}.mlp.experts.gate_up_proj"].transpose(1, 2),
+        f"{ours}.moe.experts.down": sd[f"{theirs}.mlp.experts.down_proj"].transpose(1, 2)})

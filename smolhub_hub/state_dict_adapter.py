@@ -67,6 +67,27 @@ def embeddings_from_hf(sd: dict) -> dict:
 
 
 # --- MoE ---------------------------------------------------------------------------------------
+def layers_to_hf(sd: dict, cfg, block_to_hf) -> dict:
+    """The layout every Llama-family export shares: the embeddings, then for each layer its two
+    norms and what `block_to_hf(sd, ours, theirs, layer)` maps (its attention and feed-forward)."""
+    out = embeddings_to_hf(sd)
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        out.update(norms_to_hf(sd, ours, theirs))
+        out.update(block_to_hf(sd, ours, theirs, i))
+    return out
+
+
+def layers_from_hf(sd: dict, cfg, block_from_hf) -> dict:
+    """layers_to_hf's inverse, with `block_from_hf(sd, theirs, ours, layer)`."""
+    out = embeddings_from_hf(sd)
+    for i in range(cfg.n_layer):
+        theirs, ours = f"model.layers.{i}", f"blocks.{i}"
+        out.update(norms_from_hf(sd, theirs, ours))
+        out.update(block_from_hf(sd, theirs, ours, i))
+    return out
+
+
 def check_no_capacity(cfg) -> None:
     """transformers' MoE layers never drop tokens; ours do when capacity_factor > 0, in inference too."""
     if cfg.capacity_factor > 0:
