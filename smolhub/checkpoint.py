@@ -130,6 +130,9 @@ def read_config(folder: Path) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{folder / 'config.json'} is corrupt ({e}); use another checkpoint")
     if "architecture" not in config or "model" not in config:
+        if "model_type" in config or "architectures" in config:  # what `python -m smolhub_hub export` writes
+            raise UserError(f"{folder} is a transformers model folder, not a SmolHub checkpoint: convert it with "
+                            f"`python -m smolhub_hub import {folder} CHECKPOINT_DIR` and use CHECKPOINT_DIR")
         raise UserError(f"{folder / 'config.json'} is not a SmolHub config (no architecture/model keys)")
     return config
 

@@ -5,7 +5,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,19 +24,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def refuse_transformers_export(path: str) -> None:
-    """Point a transformers folder (what `python -m smolhub_hub export` writes) to the import that
-    turns it back into a checkpoint."""
-    try:
-        config = json.loads((Path(path).expanduser() / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict) and "architecture" not in config and ("model_type" in config
-                                                                      or "architectures" in config):
-        raise UserError(f"{path} is a transformers model folder, not a SmolHub checkpoint: convert it with "
-                        f"`python -m smolhub_hub import {path} CHECKPOINT_DIR` and pass --checkpoint CHECKPOINT_DIR")
-
-
 def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> Engine:
     """Load a checkpoint folder, a run's out_dir (its newest checkpoint) or a Hub repo id for inference.
     Any of the five architectures loads, whichever model folder the call comes from.
@@ -50,7 +36,6 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     dev = pick_device(device)
     if compile and dev.type != "cuda":
         raise UserError("--compile speeds up CUDA-graph decoding, which needs a CUDA device; drop it on CPU")
-    refuse_transformers_export(path)
     loaded = load_checkpoint(path, dev)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"

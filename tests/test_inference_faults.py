@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import GPT2_DIR, REPO, SHAKESPEARE, tiny_model
+from conftest import GPT2_DIR, REPO, SHAKESPEARE, run_script, tiny_model
 from smolhub.errors import UserError
 from smolhub.generate import Engine, GraphDecoder, SamplingConfig, generate_ids
 from smolhub.modeling import ARCHITECTURES
@@ -207,10 +207,14 @@ def test_a_transformers_export_points_to_the_import(checkpoints, tmp_path, capsy
 
     exported = export_checkpoint(str(checkpoints / "StoryLlama"), tmp_path / "hf", verify=False)
     capsys.readouterr()  # the export's progress bars
+    pointer = (f"error: {exported} is a transformers model folder, not a SmolHub checkpoint: convert it with "
+               f"`python -m smolhub_hub import {exported} CHECKPOINT_DIR` and use CHECKPOINT_DIR")
     code, _, err = inference_py(monkeypatch, capsys, "--checkpoint", str(exported))
-    assert code == 2 and err == (f"error: {exported} is a transformers model folder, not a SmolHub checkpoint: "
-                                 f"convert it with `python -m smolhub_hub import {exported} CHECKPOINT_DIR` and pass "
-                                 "--checkpoint CHECKPOINT_DIR\n")
+    assert code == 2 and err == pointer + "\n"
+    trainer = run_script(["trainer.py", "--preset", "tiny", "--dataset", "synthetic", "--init_from", str(exported),
+                          "--out_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path / "data")],
+                         REPO / "StoryLlama", tmp_path, check=False)
+    assert trainer.returncode == 2 and trainer.stderr.strip().splitlines()[-1] == pointer, trainer.stderr[-2000:]
 
 
 # --- a lone surrogate --------------------------------------------------------------------------
