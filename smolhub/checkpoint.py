@@ -86,10 +86,14 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, toke
     else:
         tmp.rename(final)
     if keep_last > 0:
-        own = [p for p in list_checkpoints(out_dir) if read_meta(p).get("run_id") == meta.get("run_id")]
-        for stale in own[:-keep_last]:
+        for stale in run_checkpoints(out_dir, meta.get("run_id"))[:-keep_last]:
             shutil.rmtree(stale)
     return final
+
+
+def run_checkpoints(out_dir: str | Path, run_id: str | None) -> list[Path]:
+    """The resumable checkpoints of run `run_id` in out_dir, oldest first."""
+    return [p for p in list_checkpoints(out_dir) if read_meta(p).get("run_id") == run_id]
 
 
 def read_meta(folder: Path) -> dict:
@@ -208,11 +212,13 @@ def resume_point(spec: str, out_dir: Path) -> tuple[Path, dict, list[str]]:
 
 
 def _resumable_state(folder: Path) -> dict:
-    """The trainer state of a checkpoint whose weights and state both read back whole."""
-    from safetensors.torch import load_file
+    """The trainer state of a checkpoint whose weights file is whole (its header covers the file,
+    checked without reading the tensors, which restore then reads once) and whose state loads."""
+    from safetensors import safe_open
 
     try:
-        load_file(folder / "model.safetensors")
+        with safe_open(folder / "model.safetensors", "pt"):
+            pass
     except Exception as e:  # safetensors raises plain exceptions for truncated files
         raise UserError(f"{folder / 'model.safetensors'} is unreadable ({str(e).splitlines()[0]})")
     return load_trainer_state(folder)

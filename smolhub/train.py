@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +23,8 @@ import torch.nn as nn
 from safetensors.torch import load_model as load_safetensors_into
 from tqdm import tqdm
 
-from smolhub.checkpoint import (LoadedCheckpoint, list_checkpoints, load_checkpoint, read_config, read_meta,
-                                resume_point, save_checkpoint)
+from smolhub.checkpoint import (LoadedCheckpoint, load_checkpoint, read_config, read_meta, resume_point,
+                                run_checkpoints, save_checkpoint)
 from smolhub.config import ModelConfig, TrainConfig, pad_vocab, reconcile_with_checkpoint
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig
@@ -165,7 +165,7 @@ class Trainer:
     step: int = 0
     tokens_seen: int = 0
     train_seconds: float = 0.0  # spent in training steps (for --max_seconds), carried over a resume
-    first_nonfinite: torch.Tensor | None = None  # the first step whose loss was nan/inf (0: none), kept on the device
+    first_nonfinite: torch.Tensor = field(init=False)  # the first step whose loss was nan/inf (0: none), on the device
 
     def __post_init__(self):
         self.first_nonfinite = torch.zeros((), dtype=torch.long, device=self.rt.device)
@@ -206,7 +206,7 @@ class Trainer:
             self.stop_non_finite("the training loss", bad_step)
 
     def stop_non_finite(self, what: str, step: int) -> None:
-        ckpts = self.own_checkpoints()
+        ckpts = run_checkpoints(self.out_dir, self.run_id)
         last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved"
         raise UserError(f"{what} became nan or inf at step {step}: stopped at step {self.step} without saving; "
                         f"{last}. Lower --lr (now {self.cfg.lr:g}) or raise --warmup_steps and start again")
@@ -219,9 +219,6 @@ class Trainer:
         if not self.rt.distributed:
             return spent
         return max_over_ranks(torch.tensor(int(spent), device=self.rt.device), self.rt) > 0
-
-    def own_checkpoints(self) -> list[Path]:
-        return [p for p in list_checkpoints(self.out_dir) if read_meta(p).get("run_id") == self.run_id]
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.step_model, self.objective, self.make_val_loader, self.cfg.eval_batches, self.amp,
@@ -245,7 +242,7 @@ class Trainer:
             path = save_checkpoint(self.out_dir, self.step, self.model, self.sampler.tokenizer, meta, trainer_state,
                                    self.cfg.keep_last)
         except OSError as e:
-            previous = self.own_checkpoints()
+            previous = run_checkpoints(self.out_dir, self.run_id)
             kept = f"{previous[-1]} is intact: continue from it with --resume" if previous else "nothing was saved"
             raise UserError(f"{unwritable(self.out_dir, e)}; the checkpoint of step {self.step} was not saved, "
                             f"{kept}")
@@ -457,12 +454,12 @@ def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rt: Runtime, resume_from: 
     from smolhub.tokenizer import load_tokenizer
 
     if resume_from is not None:
-        tokenizer, block_size = load_tokenizer(resume_from), read_config(resume_from)["model"]["block_size"]
+        tokenizer = load_tokenizer(resume_from)
     elif base is not None:
-        tokenizer, block_size = base.tokenizer, base.model.config.block_size
+        tokenizer = base.tokenizer
     else:
-        tokenizer, block_size = on_main_first(rt, lambda: training_tokenizer(cfg)), mcfg.block_size
-    return tokenizer, on_main_first(rt, lambda: training_data(cfg, tokenizer, block_size))
+        tokenizer = on_main_first(rt, lambda: training_tokenizer(cfg))
+    return tokenizer, on_main_first(rt, lambda: training_data(cfg, tokenizer, mcfg.block_size))
 
 
 def build_model(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, tokenizer) -> nn.Module:
@@ -511,17 +508,21 @@ def sample(engine: Engine, cfg: TrainConfig) -> str:
     return text
 
 
-def main(model_cls: type[nn.Module], argv: list[str] | None = None) -> dict:
-    """The body of every model's trainer.py: flags -> configs -> train. The model's config.py holds
+def parse_train_flags(model_cls: type[nn.Module], argv: list[str] | None):
+    """A model's trainer flags -> (model config, TrainConfig), a cli.Parsed: the model's config.py holds
     its TRAIN_DEFAULTS (dataset, tokenizer, ...) and PRESETS; flags override both."""
     import importlib
 
     from smolhub.cli import parse_cli
 
     config = importlib.import_module(model_cls.config_class.__module__)
-    mcfg, cfg = parsed = parse_cli((model_cls.config_class, TrainConfig), config.PRESETS, argv,
-                          defaults=config.TRAIN_DEFAULTS, prog=f"{model_cls.__name__}/trainer.py",
-                          description=f"Train {model_cls.__name__}.")
+    return parse_cli((model_cls.config_class, TrainConfig), config.PRESETS, argv, defaults=config.TRAIN_DEFAULTS,
+                     prog=f"{model_cls.__name__}/trainer.py", description=f"Train {model_cls.__name__}.")
+
+
+def main(model_cls: type[nn.Module], argv: list[str] | None = None) -> dict:
+    """The body of every model's trainer.py: flags -> configs -> train."""
+    mcfg, cfg = parsed = parse_train_flags(model_cls, argv)
     result = train(model_cls, mcfg, cfg, explicit=parsed.explicit)
     if result["stopped_by"] is not None:
         raise Interrupted(result["stopped_by"])

@@ -3,7 +3,6 @@ own trainer.py (see smolhub/compare/__init__.py for the spec)."""
 from __future__ import annotations
 
 import ctypes
-import importlib
 import importlib.util
 import json
 import os
@@ -17,12 +16,10 @@ import torch
 import yaml
 
 from smolhub.checkpoint import latest_checkpoint, read_meta
-from smolhub.cli import parse_cli
-from smolhub.config import TrainConfig
 from smolhub.data import training_tokenizer
 from smolhub.errors import UserError
 from smolhub.modeling import model_class
-from smolhub.train import build_model, grad_accum_steps
+from smolhub.train import build_model, grad_accum_steps, parse_train_flags
 
 BUDGETS = ("tokens", "flops", "seconds")
 REQUIRED_KEYS = ("arms", "dataset", "budget", "seeds", "out_dir")
@@ -154,15 +151,10 @@ def plan(study: Study) -> list[Plan]:
 
 def plan_arm(study: Study, arm: Arm) -> Plan:
     cls = model_class(arm.model)
-    config = importlib.import_module(cls.config_class.__module__)
-
-    def parse(argv: list[str]):
-        return parse_cli((cls.config_class, TrainConfig), config.PRESETS, argv, defaults=config.TRAIN_DEFAULTS,
-                         prog=f"{arm.model}/trainer.py")
 
     try:
         horizon = {"max_steps"} if study.budget[0] == "seconds" else set()  # a time budget's schedule length
-        owned = sorted(parse([*study.flags, *arm.flags]).explicit & (STUDY_FIELDS - horizon))
+        owned = sorted(parse_train_flags(cls, [*study.flags, *arm.flags]).explicit & (STUDY_FIELDS - horizon))
         if owned:
             raise UserError(f"--{owned[0]} is set by the study for every arm alike: use the spec's keys "
                             "(dataset, val_dataset, val_fraction, data_dir, budget, seeds, out_dir) instead")
@@ -171,7 +163,7 @@ def plan_arm(study: Study, arm: Arm) -> Plan:
         argv += ["--val_dataset", resolved(study.val_dataset)] if study.val_dataset else []
         argv += ["--val_fraction", str(study.val_fraction)] if study.val_fraction is not None else []
         argv += [*study.flags, *arm.flags]
-        mcfg, cfg = parse(argv)
+        mcfg, cfg = parse_train_flags(cls, argv)
         tokenizer = training_tokenizer(cfg)  # trained once into data_dir, where the trainer finds it
         with torch.device("meta"):
             model = build_model(cls, mcfg, cfg, tokenizer)
