@@ -1,12 +1,15 @@
 """Generate with a trained SmolMixtral.
 
     python inference.py --checkpoint out/SmolMixtral --prompt "Once upon a time" --temperature 0.8 --top_p 0.9
+    python inference.py --checkpoint out/SmolMixtral-sft --chat    # talk to a checkpoint fine-tuned by finetune.py
 
 From Python, inside this folder (any SmolHub checkpoint loads the same way):
 
     from inference import load_model, generate_text
     model = load_model("out/SmolMixtral")
     print(generate_text(model=model, prompt="Once upon a time", max_length=100, temperature=0.7))
+    chat = load_model("out/SmolMixtral-sft")
+    print(generate_text(model=chat, messages=[{"role": "user", "content": "Tell me a story."}]))
 """
 from smolhub.cli import run_main
 from smolhub.inference import generate_text, load_model, main

@@ -9,8 +9,9 @@ the experts evenly used. The output head shares the token embedding.
 import torch
 import torch.nn as nn
 
-from smolhub.layers import (CausalSelfAttention, GroupedExperts, KVCache, LayerNorm, MoEFeedForward, NoisyTopKRouter,
-                            RotaryEmbedding, SoftmaxTopKRouter, inactive_expert_params, moe_aux_loss, moe_metrics)
+from smolhub.layers import (CausalSelfAttention, DocumentMask, GroupedExperts, KVCache, LayerNorm, MoEFeedForward,
+                            NoisyTopKRouter, RotaryEmbedding, SoftmaxTopKRouter, document_mask, inactive_expert_params,
+                            moe_aux_loss, moe_metrics)
 from smolhub.modeling import CausalLM
 from SmolMixtral.config import SmolMixtralConfig
 
@@ -26,8 +27,9 @@ class Block(nn.Module):
         experts = GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden)
         self.moe = MoEFeedForward(router, experts, config.capacity_factor, config.dropout)
 
-    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos)
+    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int = 0,
+                documents: DocumentMask | None = None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.moe(self.ffn_norm(x))
         return x
 
@@ -45,11 +47,13 @@ class SmolMixtral(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0):
+                kv_cache: list[KVCache] | None = None, start_pos: int = 0,
+                document_ids: torch.Tensor | None = None):
+        documents = document_mask(document_ids, kv_cache)
         x = self.residual_stream(self.tok_emb(idx))
-        rope = self.rope(start_pos, idx.size(1))
+        rope = self.rope(start_pos, idx.size(1)) if documents is None else self.rope.at(documents.positions)
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos)
+            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos, documents)
         return self.logits_and_loss(self.norm(x), targets)
 
     def aux_loss(self) -> torch.Tensor | None:

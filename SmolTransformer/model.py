@@ -12,8 +12,8 @@ beyond it: a longer input raises an error, and generation predicts from the last
 import torch
 import torch.nn as nn
 
-from smolhub.layers import (CausalSelfAttention, GeluMLP, KVCache, LearnedPositionalEmbedding, RMSNorm,
-                            SinusoidalPositionalEmbedding)
+from smolhub.layers import (CausalSelfAttention, DocumentMask, GeluMLP, KVCache, LearnedPositionalEmbedding, RMSNorm,
+                            SinusoidalPositionalEmbedding, document_mask)
 from smolhub.modeling import CausalLM
 from SmolTransformer.config import SmolTransformerConfig
 
@@ -26,8 +26,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = GeluMLP(config.n_embd, config.ffn_hidden, dropout=config.dropout)
 
-    def forward(self, x, kv_cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), None, kv_cache, start_pos)
+    def forward(self, x, kv_cache: KVCache | None = None, start_pos: int = 0, documents: DocumentMask | None = None):
+        x = x + self.attn(self.attn_norm(x), None, kv_cache, start_pos, documents)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -47,8 +47,11 @@ class SmolTransformer(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0):
-        x = self.drop(self.residual_stream(self.tok_emb(idx) + self.pos_emb(start_pos, idx.size(1))))
+                kv_cache: list[KVCache] | None = None, start_pos: int = 0,
+                document_ids: torch.Tensor | None = None):
+        documents = document_mask(document_ids, kv_cache)
+        pos = self.pos_emb(start_pos, idx.size(1)) if documents is None else self.pos_emb.at(documents.positions)
+        x = self.drop(self.residual_stream(self.tok_emb(idx) + pos))
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, kv_cache[i] if kv_cache else None, start_pos)
+            x = self.run_block(block, x, kv_cache[i] if kv_cache else None, start_pos, documents)
         return self.logits_and_loss(self.norm(x), targets)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smolhub.layers import RMSNorm, apply_rotary, attend, causal_mask
+from smolhub.layers import DocumentMask, RMSNorm, apply_rotary, attend, causal_mask
 from StoryKimi.config import StoryKimiConfig
 
 
@@ -92,24 +92,27 @@ class MultiHeadLatentAttention(nn.Module):
         return self.wq_b.weight if hasattr(self, "wq_b") else self.wq.weight
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: MLACache | None = None, start_pos: int = 0) -> torch.Tensor:
+                kv_cache: MLACache | None = None, start_pos: int = 0,
+                documents: DocumentMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_b") else self.wq(x)
         q_nope, q_rope = q.view(B, T, self.n_head, self.qk_dim).transpose(1, 2).split(
             [self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rotary(q_rope, *rope)
+        cos, sin = (t.unsqueeze(-3) for t in rope)  # (1 or B, 1, T, rope): the same rotation for every head
+        q_rope = apply_rotary(q_rope, cos, sin)
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
-        k_rope = apply_rotary(k_rope[:, None], *rope)  # (B, 1, T, rope): one rotary key for all heads
+        k_rope = apply_rotary(k_rope[:, None], cos, sin)  # (B, 1, T, rope): one rotary key for all heads
         if kv_cache is None:
-            y = self.attend_decompressed(q_nope, q_rope, latent, k_rope, start_pos)
+            y = self.attend_decompressed(q_nope, q_rope, latent, k_rope, start_pos, documents)
         else:
             latent, k_rope = kv_cache.update(latent, k_rope[:, 0], start_pos)
             y = self.attend_absorbed(q_nope, q_rope, latent, k_rope, start_pos)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim)
         return self.resid_dropout(self.wo(y))
 
-    def attend_decompressed(self, q_nope, q_rope, latent, k_rope, start_pos: int) -> torch.Tensor:
+    def attend_decompressed(self, q_nope, q_rope, latent, k_rope, start_pos: int,
+                            documents: DocumentMask | None = None) -> torch.Tensor:
         """Per-head keys and values from the latent, then ordinary attention (training, prefill without cache)."""
         B, S, _ = latent.shape
         k_nope, v = self.wkv_b(latent).view(B, S, self.n_head, self.nope_dim + self.v_dim).transpose(1, 2).split(
@@ -117,10 +120,11 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_head, -1, -1)], dim=-1)
         if self.track_max_logit and self.training:
-            self.record_max_logit(q, k, start_pos)
+            self.record_max_logit(q, k, start_pos, documents)
         # Flash attention needs equal q/k/v head dims: pad v with zeros and drop them after.
         v = F.pad(v, (0, self.qk_dim - self.v_dim)) if self.v_dim < self.qk_dim else v
-        y = attend(q, k, v, start_pos, dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        y = attend(q, k, v, start_pos, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+                   documents=documents)
         return y[..., :self.v_dim]
 
     def attend_absorbed(self, q_nope, q_rope, latent, k_rope, start_pos: int) -> torch.Tensor:
@@ -133,10 +137,13 @@ class MultiHeadLatentAttention(nn.Module):
         return y @ w_uv.mT  # (B, H, T, v)
 
     @torch.no_grad()
-    def record_max_logit(self, q: torch.Tensor, k: torch.Tensor, start_pos: int) -> None:
-        """The largest pre-softmax logit of each head (what QK-clip needs; SDPA does not expose it)."""
+    def record_max_logit(self, q: torch.Tensor, k: torch.Tensor, start_pos: int,
+                         documents: DocumentMask | None = None) -> None:
+        """The largest pre-softmax logit of each head (what QK-clip needs; SDPA does not expose it),
+        over the pairs that attention sees."""
         logits = (q @ k.mT).float() * self.scale
-        logits = logits.masked_fill(~causal_mask(q.size(2), k.size(2), start_pos, q.device), float("-inf"))
+        visible = causal_mask(q.size(2), k.size(2), start_pos, q.device) if documents is None else documents.visible()
+        logits = logits.masked_fill(~visible, float("-inf"))
         peak = logits.amax(dim=(0, 2, 3))
         self.max_logit = peak if self.max_logit is None else torch.maximum(self.max_logit, peak)
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from smolhub.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from smolhub.layers import DocumentMask, RMSNorm, RotaryEmbedding, SwiGLU, document_mask
 from smolhub.modeling import CausalLM
 from StoryKimi.attention import MLACache, MultiHeadLatentAttention
 from StoryKimi.config import StoryKimiConfig
@@ -27,8 +27,9 @@ class Block(nn.Module):
         self.ffn = (SwiGLU(config.n_embd, config.ffn_hidden, dropout=config.dropout) if layer < config.first_k_dense
                     else DeepSeekMoE(config))
 
-    def forward(self, x, rope, kv_cache: MLACache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos)
+    def forward(self, x, rope, kv_cache: MLACache | None = None, start_pos: int = 0,
+                documents: DocumentMask | None = None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.ffn(self.ffn_norm(x))
         return x
 
@@ -46,11 +47,13 @@ class StoryKimi(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[MLACache] | None = None, start_pos: int = 0):
+                kv_cache: list[MLACache] | None = None, start_pos: int = 0,
+                document_ids: torch.Tensor | None = None):
+        documents = document_mask(document_ids, kv_cache)
         x = self.residual_stream(self.tok_emb(idx))
-        rope = self.rope(start_pos, idx.size(1))
+        rope = self.rope(start_pos, idx.size(1)) if documents is None else self.rope.at(documents.positions)
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos)
+            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos, documents)
         return self.logits_and_loss(self.norm(x), targets)
 
     @property

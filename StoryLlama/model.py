@@ -7,7 +7,8 @@ The output head shares the token embedding.
 import torch
 import torch.nn as nn
 
-from smolhub.layers import CausalSelfAttention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from smolhub.layers import (CausalSelfAttention, DocumentMask, KVCache, RMSNorm, RotaryEmbedding, SwiGLU,
+                            document_mask)
 from smolhub.modeling import CausalLM
 from StoryLlama.config import StoryLlamaConfig
 
@@ -20,8 +21,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.ffn = SwiGLU(config.n_embd, config.ffn_hidden, dropout=config.dropout)
 
-    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos)
+    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int = 0,
+                documents: DocumentMask | None = None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.ffn(self.ffn_norm(x))
         return x
 
@@ -39,9 +41,11 @@ class StoryLlama(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0):
+                kv_cache: list[KVCache] | None = None, start_pos: int = 0,
+                document_ids: torch.Tensor | None = None):
+        documents = document_mask(document_ids, kv_cache)
         x = self.residual_stream(self.tok_emb(idx))
-        rope = self.rope(start_pos, idx.size(1))
+        rope = self.rope(start_pos, idx.size(1)) if documents is None else self.rope.at(documents.positions)
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos)
+            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos, documents)
         return self.logits_and_loss(self.norm(x), targets)

@@ -10,9 +10,9 @@ The output head shares the token embedding.
 import torch
 import torch.nn as nn
 
-from smolhub.layers import (CausalSelfAttention, GroupedExperts, KVCache, MoEFeedForward, RMSNorm, RotaryEmbedding,
-                            SlidingWindowKVCache, SoftmaxTopKRouter, inactive_expert_params, moe_aux_loss,
-                            moe_metrics)
+from smolhub.layers import (CausalSelfAttention, DocumentMask, GroupedExperts, KVCache, MoEFeedForward, RMSNorm,
+                            RotaryEmbedding, SlidingWindowKVCache, SoftmaxTopKRouter, document_mask,
+                            inactive_expert_params, moe_aux_loss, moe_metrics)
 from smolhub.modeling import CausalLM
 from StoryMixtral.config import StoryMixtralConfig
 
@@ -28,8 +28,9 @@ class Block(nn.Module):
                                   GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden),
                                   config.capacity_factor, config.dropout)
 
-    def forward(self, x, rope, kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos)
+    def forward(self, x, rope, kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int = 0,
+                documents: DocumentMask | None = None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.moe(self.ffn_norm(x))
         return x
 
@@ -47,11 +48,13 @@ class StoryMixtral(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache | SlidingWindowKVCache] | None = None, start_pos: int = 0):
+                kv_cache: list[KVCache | SlidingWindowKVCache] | None = None, start_pos: int = 0,
+                document_ids: torch.Tensor | None = None):
+        documents = document_mask(document_ids, kv_cache, self.config.sliding_window or None)
         x = self.residual_stream(self.tok_emb(idx))
-        rope = self.rope(start_pos, idx.size(1))
+        rope = self.rope(start_pos, idx.size(1)) if documents is None else self.rope.at(documents.positions)
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos)
+            x = self.run_block(block, x, rope, kv_cache[i] if kv_cache else None, start_pos, documents)
         return self.logits_and_loss(self.norm(x), targets)
 
     def aux_loss(self) -> torch.Tensor | None:

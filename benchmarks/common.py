@@ -39,11 +39,13 @@ def nanogpt_like(nanogpt_dir: str, block_size: int, vocab_size: int) -> torch.nn
 
 
 def hf_gpt2_like(cfg) -> torch.nn.Module:
+    """GPT2Config's dropouts default to 0.1: set to ours (0 by default), as every other twin has."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel(GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, tie_word_embeddings=True, attn_implementation="sdpa"))
+        n_head=cfg.n_head, n_inner=cfg.ffn_hidden, layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=True, attn_implementation="sdpa"))
 
 
 def hf_mixtral_like(cfg) -> torch.nn.Module:
@@ -73,6 +75,45 @@ def hf_deepseek_like(cfg) -> torch.nn.Module:
         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, n_group=1, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=cfg.routed_scaling_factor, max_position_embeddings=cfg.block_size,
         rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True, attn_implementation="sdpa"))
+
+
+def load_ours_into_twin(name: str, ours: torch.nn.Module, twin: torch.nn.Module) -> Callable[[dict], dict]:
+    """Give the transformers twin our model's weights: through the export adapter, or for GPT2LMHeadModel
+    (SmolTransformer's twin, which has LayerNorms and biases where ours has RMSNorms and none) our
+    matrices transposed into its Conv1Ds, unit LayerNorm gains and zero biases. Returns the map of
+    the twin's tensors (its gradients, say) back to our parameter names."""
+    sd, cfg = ours.state_dict(), ours.config
+    if name != "SmolTransformer":
+        from smolhub_hub.export import adapter_for
+
+        adapter = adapter_for(name)
+        twin.load_state_dict(adapter.to_hf(sd, cfg))
+
+        def to_ours(tensors: dict) -> dict:  # a tied head appears once, as the embedding
+            return adapter.from_hf({"lm_head.weight": tensors["model.embed_tokens.weight"], **tensors}, cfg)
+        return to_ours
+    names = {"transformer.wte.weight": ("tok_emb.weight", False), "transformer.ln_f.weight": ("norm.weight", False)}
+    if "pos_emb.weight" in sd:
+        names["transformer.wpe.weight"] = ("pos_emb.weight", False)
+    for i in range(cfg.n_layer):
+        ours_block, theirs = f"blocks.{i}", f"transformer.h.{i}"
+        names.update({f"{theirs}.ln_1.weight": (f"{ours_block}.attn_norm.weight", False),
+                      f"{theirs}.attn.c_attn.weight": (f"{ours_block}.attn.qkv.weight", True),
+                      f"{theirs}.attn.c_proj.weight": (f"{ours_block}.attn.out.weight", True),
+                      f"{theirs}.ln_2.weight": (f"{ours_block}.mlp_norm.weight", False),
+                      f"{theirs}.mlp.c_fc.weight": (f"{ours_block}.mlp.up.weight", True),
+                      f"{theirs}.mlp.c_proj.weight": (f"{ours_block}.mlp.down.weight", True)})
+    with torch.no_grad():
+        for theirs, p in twin.named_parameters():
+            if theirs in names:
+                mine, transposed = names[theirs]
+                p.copy_(sd[mine].t() if transposed else sd[mine])
+            elif theirs.endswith(".bias"):
+                p.zero_()
+
+    def gpt2_to_ours(tensors: dict) -> dict:
+        return {names[k][0]: (t.t() if names[k][1] else t) for k, t in tensors.items() if k in names}
+    return gpt2_to_ours
 
 
 @dataclass

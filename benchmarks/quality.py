@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import pairs
+from benchmarks.common import load_ours_into_twin, pairs
 from smolhub.config import TrainConfig
 from smolhub.data import PackedLoader, iter_documents, prepare_dataset
 from smolhub.data.__main__ import parse_count
@@ -151,7 +151,8 @@ def build_pair(name: str, vocab: int, args):
                                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, sliding_window=32).items():
             if key in fields:
                 overrides[key] = value
-    ours = cls(cls.config_class(vocab_size=vocab, **overrides))
+    ours = cls(cls.config_class(vocab_size=vocab, bf16_residual=not getattr(args, "fp32_residual", False),
+                                **overrides))
     return ours, pair.build_baseline(ours.config), (64 if args.tiny else pair.seq_len)
 
 
@@ -202,6 +203,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no_compile", action="store_true", help="Eager on CUDA too (quicker to start; tok/s then "
                    "measures eager mode).")
+    p.add_argument("--fp32_residual", action="store_true", help="Carry our models' residual stream in fp32 "
+                   "(bf16_residual=False), as the twins do, instead of their default.")
+    p.add_argument("--same_init", action="store_true", help="Start the twin from our model's initial weights "
+                   "(exported into it; GPT-2's biases zero, its LayerNorm gains one) rather than from its own draw "
+                   "of the same init: the pair then differs only in architecture details and numerics, not in "
+                   "the init draw.")
     p.add_argument("--tiny", action="store_true", help="Toy sizes (the CPU test).")
     p.add_argument("--out", default="quality_results")
     args = p.parse_args(argv)
@@ -226,11 +233,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             batch = max(1, args.tokens_per_step // seq_len)
             steps = max(3, args.tokens // (batch * seq_len))
             if side == "ours":
-                label = f"SmolHub {name} ({optimizer}{', seed ' + str(seed) if seed else ''})"
+                label = (f"SmolHub {name} ({optimizer}{', fp32 residual' if args.fp32_residual else ''}"
+                         f"{', seed ' + str(seed) if seed else ''})")
                 model, is_ours = ours, True
             else:
-                init_like_ours(hf, ours.config.n_layer)
-                label = pairs()[name].baseline_name
+                if args.same_init:
+                    load_ours_into_twin(name, ours, hf)
+                else:
+                    init_like_ours(hf, ours.config.n_layer)
+                label = pairs()[name].baseline_name + (" (our init)" if args.same_init else "")
                 model, is_ours = HFSide(hf, getattr(hf.config, "router_aux_loss_coef", 0.0)), False
             if side == "ours":
                 del hf

@@ -10,6 +10,11 @@ generation as the API endpoint `/generate` (prompt first, every other argument d
     print(Client("http://127.0.0.1:7860").predict("Once upon a time", api_name="/generate"))
 
 For a given seed the text equals `smolhub.inference.generate_text` with the same settings.
+
+A checkpoint fine-tuned to chat (its tokenizer has the chat template) gets a chat instead: each reply
+streams into the conversation and ends at the end of its turn, and the endpoint `/chat` takes a
+message and the sampling settings, each client's calls continuing one conversation
+(`generate_text(messages=...)` with the same settings gives the same replies).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Iterator, Sequence
 
 import gradio as gr
 
+from smolhub.chat import has_chat_format
 from smolhub.cli import Command, parse_cli, parse_command, run_main
 from smolhub.config import option
 from smolhub.errors import UserError
@@ -133,20 +139,30 @@ def model_card(engine: Engine) -> str:
     ])
 
 
+def _sampling_inputs(max_new_tokens: int) -> list[gr.components.Component]:
+    """The sampling controls, not yet placed: the completion demos lay them out in rows, the chat
+    hands them to gr.ChatInterface."""
+    return [
+        gr.Slider(1, max_new_tokens, value=min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens), step=1,
+                  label="Max new tokens", render=False),
+        gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature", info="0 = greedy",
+                  render=False),
+        gr.Slider(0, 200, value=DEFAULT_TOP_K, step=1, label="Top-k", info="0 = off", render=False),
+        gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", info="1 = off", render=False),
+        gr.Slider(0.5, 2.0, value=DEFAULT_REPETITION_PENALTY, step=0.05, label="Repetition penalty", info="1 = off",
+                  render=False),
+        gr.Number(value=-1, precision=0, label="Seed", info="-1 = random", elem_id="seed", render=False),
+    ]
+
+
 def _sampling_controls(max_new_tokens: int) -> list[gr.components.Component]:
+    controls = _sampling_inputs(max_new_tokens)
     with gr.Accordion("Sampling", open=True):
-        with gr.Row():
-            tokens = gr.Slider(1, max_new_tokens, value=min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens), step=1,
-                               label="Max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature",
-                                    info="0 = greedy")
-            top_k = gr.Slider(0, 200, value=DEFAULT_TOP_K, step=1, label="Top-k", info="0 = off")
-        with gr.Row():
-            top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", info="1 = off")
-            penalty = gr.Slider(0.5, 2.0, value=DEFAULT_REPETITION_PENALTY, step=0.05,
-                                label="Repetition penalty", info="1 = off")
-            seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 = random", elem_id="seed")
-    return [tokens, temperature, top_k, top_p, penalty, seed]
+        for row in (controls[:3], controls[3:]):
+            with gr.Row():
+                for control in row:
+                    control.render()
+    return controls
 
 
 def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_tokens_limit: int = 512,
@@ -202,6 +218,58 @@ def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_
                           concurrency_id="generate")
         stop.click(lambda: "Stopped.", None, stats, cancels=[event], queue=False, api_visibility="private")
         gr.api(generate, api_name="generate", concurrency_id="generate")
+    return demo
+
+
+def _text(content) -> str:
+    """A chatbot message's content as text: gradio hands its history over as lists of parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def build_chat_app(engine: Engine, title: str, max_prompt_chars: int = 2000,
+                   max_new_tokens_limit: int = 512) -> gr.Blocks:
+    """The demo of a checkpoint fine-tuned to chat (from `load_model`): each reply streams into the
+    conversation and ends at the end of its turn; a model card; `/chat` for API clients. The
+    oldest turns are left out when the conversation and the reply would not fit the context, which
+    the status line says."""
+    limits = Limits(max_prompt_chars, max_new_tokens_limit)
+
+    def respond(message, history, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
+        try:
+            message, cfg = check_request(message, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                         seed, limits)
+            conversation = [{"role": m["role"], "content": _text(m["content"])} for m in history]
+            conversation = engine.fit_chat(conversation + [{"role": "user", "content": message}],
+                                           cfg.max_new_tokens)
+            dropped = len(history) + 1 - len(conversation)
+            note = f" (left out the oldest {dropped} messages to fit the context)" if dropped else ""
+            pieces = Timed(engine.chat_stream(conversation, cfg))
+            reply, status = "", "Generating..." + note
+            for piece in pieces:
+                reply += piece
+                yield reply, status
+                status = gr.skip()
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        yield reply, f"{pieces.speed()}, seed {cfg.seed}{note}"
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}")
+        with gr.Row():
+            with gr.Column(scale=3):
+                stats = gr.Markdown(elem_id="stats", render=False)
+                gr.ChatInterface(respond, chatbot=gr.Chatbot(elem_id="chatbot", height=460, label="Chat"),
+                                 textbox=gr.Textbox(placeholder="Type a message and press Enter",
+                                                    elem_id="message", show_label=False),
+                                 additional_inputs=_sampling_inputs(limits.max_new_tokens),
+                                 additional_inputs_accordion="Sampling", additional_outputs=[stats],
+                                 api_name="chat", fill_height=False, autofocus=False)
+                stats.render()
+            with gr.Column(scale=1):
+                gr.Markdown("### Model card")
+                gr.Markdown(model_card(engine), elem_id="model-card")
     return demo
 
 
@@ -291,13 +359,15 @@ def serve(demo: gr.Blocks, args: ServeArgs) -> None:
 def main(architecture: str, argv: list[str] | None = None) -> None:
     """Entry point of <architecture>/gradio/app.py: load the checkpoint once, then serve it."""
     ckpt, args = parse_cli((CheckpointArgs, ServeArgs), {}, argv, prog="gradio/app.py",
-                           description=f"Serve a {architecture} checkpoint as a web demo with a /generate API.")
+                           description=f"Serve a {architecture} checkpoint as a web demo with a /generate API "
+                           "(a chat with a /chat API for a checkpoint fine-tuned to chat).")
     if not ckpt.checkpoint:
         raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
     engine = load_model(ckpt.checkpoint, args.device, compile=args.compile)
     check_architecture(engine, architecture, ckpt.checkpoint, "gradio/app.py")
     print(f"{architecture} from {engine.path} on {next(engine.model.parameters()).device}", file=sys.stderr)
-    serve(build_app(engine, architecture, args.max_prompt_chars, args.max_new_tokens_limit), args)
+    build = build_chat_app if has_chat_format(engine.tokenizer) else build_app
+    serve(build(engine, architecture, args.max_prompt_chars, args.max_new_tokens_limit), args)
 
 
 @dataclass

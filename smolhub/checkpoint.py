@@ -6,8 +6,15 @@
         tokenizer.json ...  the tokenizer, loadable with AutoTokenizer
         trainer_state.pt    optimizer, scheduler, step, RNG states of every rank, data position
 
-Only names matching ckpt-NNNNNNN that hold all of these count as checkpoints, and rename is atomic,
-so a save cut short by a kill leaves at most a `.tmp-*` folder that nothing ever loads.
+A LoRA fine-tune saves its adapter instead of model.safetensors (smolhub/finetune):
+
+        adapter_model.safetensors, adapter_config.json   peft's format (PeftModel.save_pretrained)
+        config.json         as above, plus "finetune": {method, lora_rank, ..., "base": the base checkpoint}
+
+and loading it rebuilds the base, adds the chat format as the run did, and folds the adapter in.
+
+Only names matching ckpt-NNNNNNN that hold config.json and weights count as checkpoints, and rename
+is atomic, so a save cut short by a kill leaves at most a `.tmp-*` folder that nothing ever loads.
 """
 from __future__ import annotations
 
@@ -26,15 +33,22 @@ from smolhub.errors import UserError
 from smolhub.hub_download import REPO_ID, download_checkpoint
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{7,})$")
-REQUIRED_FILES = ("model.safetensors", "config.json")
+WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a LoRA run's checkpoint (finetune/lora.py writes it)
 
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:07d}"
 
 
+def weights_file(folder: Path) -> Path:
+    """The weights of a checkpoint folder: the model's, or a LoRA run's adapter."""
+    plain = folder / WEIGHTS
+    return plain if plain.is_file() or not (folder / ADAPTER_WEIGHTS).is_file() else folder / ADAPTER_WEIGHTS
+
+
 def is_checkpoint(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / f).is_file() for f in REQUIRED_FILES)
+    return folder.is_dir() and (folder / "config.json").is_file() and weights_file(folder).is_file()
 
 
 def list_checkpoints(out_dir: str | Path, resumable: bool = True) -> list[Path]:
@@ -54,9 +68,11 @@ def latest_checkpoint(out_dir: str | Path, resumable: bool = True) -> Path | Non
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, tokenizer, meta: dict,
-                    trainer_state: dict | None = None, keep_last: int = 0) -> Path:
+                    trainer_state: dict | None = None, keep_last: int = 0, record: dict | None = None) -> Path:
     """Write a complete checkpoint folder atomically; then keep the newest keep_last (0 keeps all)
     of this run's checkpoints (those whose meta has the same run_id), never another run's.
+    `record`: more entries of config.json (a fine-tune's "finetune", naming its base); a model
+    with LoRA adapters saves only them, in peft's format.
 
     A write that fails (a full disk, say) removes its partial folder and leaves the earlier
     checkpoints as they were."""
@@ -68,8 +84,14 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, toke
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        save_safetensors_from(model, str(tmp / "model.safetensors"))
-        config = {"architecture": model.architecture, "model": model.config.to_dict(), "meta": meta}
+        from smolhub.finetune.lora import has_adapter, save_adapter
+
+        if has_adapter(model):
+            save_adapter(model, tmp, base=record["finetune"]["base"])
+        else:
+            save_safetensors_from(model, str(tmp / WEIGHTS))
+        config = {"architecture": model.architecture, "model": model.config.to_dict(), "meta": meta,
+                  **(record or {})}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(str(tmp))
         if trainer_state is not None:
@@ -162,16 +184,60 @@ def load_checkpoint(path_or_repo: str, device: str | torch.device = "cpu") -> Lo
     config = read_config(folder)
     cls = model_class(config["architecture"])
     model = cls(cls.config_class.from_dict(config["model"]))
+    if weights_file(folder).name == ADAPTER_WEIGHTS:
+        model.load_state_dict(merged_adapter(folder, config).state_dict())
+    else:
+        load_weights(model, folder)
+    tokenizer = load_tokenizer(folder)
+    return LoadedCheckpoint(model.to(device).eval(), tokenizer, config, folder)
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Put a checkpoint's weights into `model`: the whole model's, or a LoRA run's adapter into the
+    adapters `model` already has."""
+    path = weights_file(folder)
+    if path.name == ADAPTER_WEIGHTS:
+        from smolhub.finetune.lora import load_adapter_state
+
+        load_adapter_state(model, folder)
+        return
     try:
-        missing, unexpected = load_safetensors_into(model, str(folder / "model.safetensors"), strict=False)
+        missing, unexpected = load_safetensors_into(model, str(path), strict=False)
     except Exception as e:  # safetensors raises plain exceptions for truncated or mismatched files
-        raise UserError(f"{folder / 'model.safetensors'} cannot be loaded into {config['architecture']} "
-                        f"({str(e).splitlines()[0]}); the file is corrupt or belongs to another config")
+        raise UserError(f"{path} cannot be loaded into {model.architecture} ({str(e).splitlines()[0]}); the file is "
+                        "corrupt or belongs to another config")
     if missing or unexpected:
         raise UserError(f"{folder}: weights do not match config.json (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")
-    tokenizer = load_tokenizer(folder)
-    return LoadedCheckpoint(model.to(device).eval(), tokenizer, config, folder)
+
+
+def fine_tuning_base(folder: Path, config: dict) -> LoadedCheckpoint:
+    """The checkpoint a fine-tune started from, as the run prepared it: with the chat format added to
+    its tokenizer and the embeddings grown to fit (the rows of new tokens initialised the same way)."""
+    from smolhub.chat import add_chat_format, fit_embeddings
+
+    base_path = config.get("finetune", {}).get("base")
+    if base_path is None:
+        raise UserError(f"{folder}: config.json names no base checkpoint for its adapter (no finetune.base)")
+    try:
+        base = load_checkpoint(base_path)
+    except UserError as e:
+        raise UserError(f"{folder} is a LoRA adapter of {base_path}, which cannot be loaded ({e}); an adapter needs "
+                        "its base: put it back there (`finetune.py --merge` next to both makes one that stands alone)")
+    fit_embeddings(base.model, add_chat_format(base.tokenizer))
+    return base
+
+
+def merged_adapter(folder: Path, config: dict) -> torch.nn.Module:
+    """The base of a LoRA checkpoint with its adapter folded into the weights: a plain model."""
+    from smolhub.finetune.lora import merged
+
+    base = fine_tuning_base(folder, config)
+    rows, expected = base.model.config.vocab_size, config["model"]["vocab_size"]
+    if rows != expected:
+        raise UserError(f"{folder}: its base {base.path} no longer fits it (vocabulary of {rows} rows, the adapter's "
+                        f"model has {expected}); use the base it was trained on")
+    return merged(base.model, folder)
 
 
 def load_trainer_state(folder: Path) -> dict:
@@ -217,8 +283,8 @@ def _resumable_state(folder: Path) -> dict:
     from safetensors import safe_open
 
     try:
-        with safe_open(folder / "model.safetensors", "pt"):
+        with safe_open(weights_file(folder), "pt"):
             pass
     except Exception as e:  # safetensors raises plain exceptions for truncated files
-        raise UserError(f"{folder / 'model.safetensors'} is unreadable ({str(e).splitlines()[0]})")
+        raise UserError(f"{weights_file(folder)} is unreadable ({str(e).splitlines()[0]})")
     return load_trainer_state(folder)

@@ -7,6 +7,7 @@ PRESETS and TRAIN_DEFAULTS.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Collection
@@ -30,6 +31,19 @@ def check_finite(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{f.name} must be a finite number, got {value}")
+
+
+AUTO_BATCH = 0  # --batch_size auto: the largest micro-batch that fits, picked at start (smolhub/plan.py)
+
+
+def micro_batch(text: str) -> int:
+    """--batch_size's value: a number of sequences, or auto."""
+    if text == "auto":
+        return AUTO_BATCH
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor auto") from None
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -150,7 +164,10 @@ class TrainConfig:
                             "each model's trainer defaults to its own (TRAIN_DEFAULTS in its config.py).")
     bpe_vocab_size: int = option(32000, "Vocabulary size when --tokenizer bpe trains one on the corpus.")
     # batch and schedule
-    batch_size: int = option(16, "Sequences per micro-batch on each process.")
+    batch_size: int = option(16, "Sequences per micro-batch on each process, or auto: the largest that fits this "
+                             "GPU's memory (CPU: half the RAM) among the divisors of the sequences a process trains "
+                             "per --tokens_per_step, found once at start by trial steps and stated in the log; the "
+                             "checkpoint records the number, which --resume keeps.", type=micro_batch)
     tokens_per_step: int = option(0, "Tokens per optimizer step over all processes; gradient accumulation "
                                   "makes up the rest. 0 = one micro-batch per process.")
     max_steps: int = option(5000, "Optimizer steps to train for.")
@@ -220,7 +237,14 @@ class TrainConfig:
                             "loss weights and every training field (--lr ...) are this run's.")
 
     def __post_init__(self) -> None:
-        for name in ["batch_size", "max_steps", "eval_batches", "log_interval", "eval_interval", "save_interval",
+        if self.batch_size == "auto":  # `batch_size: auto` in a --config file
+            self.batch_size = AUTO_BATCH
+        if isinstance(self.batch_size, int) and self.batch_size < 0:
+            raise UserError(f"--batch_size must be a positive number or auto, got {self.batch_size}")
+        if self.batch_size == AUTO_BATCH and self.tokens_per_step == 0:
+            raise UserError("--batch_size auto divides --tokens_per_step into micro-batches: set --tokens_per_step "
+                            "(tokens per optimizer step over all processes) or give --batch_size a number")
+        for name in ["max_steps", "eval_batches", "log_interval", "eval_interval", "save_interval",
                      "num_proc"]:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -302,7 +326,8 @@ def reconcile_with_checkpoint(mcfg: ModelConfig, cfg: TrainConfig, explicit: Col
     trained = {f.name: train_config.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)
                if f.name not in INVOCATION_FIELDS | {"max_steps"}}  # a field newer than the run: its default
     conflicts += [(name, getattr(cfg, name), value) for name, value in trained.items()
-                  if name in explicit and getattr(cfg, name) != value]
+                  if name in explicit and getattr(cfg, name) != value
+                  and not (name == "batch_size" and cfg.batch_size == AUTO_BATCH)]  # auto: the one it picked
     if conflicts:
         raise UserError(f"--resume continues {checkpoint.name} as it was trained: {_listed(conflicts)}; drop them "
                         f"to continue it (--init_from {checkpoint} starts a new run from its weights, with new "

@@ -1,9 +1,10 @@
 """Autoregressive generation with a KV cache: one prefill of the prompt, then one token per step.
 
-Sampling: temperature (0 = greedy), top-k, top-p (nucleus), repetition penalty (CTRL), EOS stop, a
-seed. Padding ids beyond the tokenizer's vocabulary are never sampled. Each new token is predicted
-from the last block_size tokens at most, as nanoGPT's sample.py crops its context: a longer prompt
-keeps its end, and a generation longer than the context slides its window along.
+Sampling: temperature (0 = greedy), top-k, top-p (nucleus), repetition penalty (CTRL), a stop at EOS
+(and, replying in a chat, at the end of the turn), a seed. Padding ids beyond the tokenizer's
+vocabulary are never sampled. Each new token is predicted from the last block_size tokens at most,
+as nanoGPT's sample.py crops its context: a longer prompt keeps its end, and a generation longer
+than the context slides its window along.
 An Engine holds a model with what generating from it needs: its tokenizer and its CUDA-graph decoders.
 """
 from __future__ import annotations
@@ -12,11 +13,12 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from smolhub import chat
 from smolhub.errors import UserError
 
 # cuDNN attention costs ~2 s at its first use in a process (library set-up, one execution plan per
@@ -155,12 +157,13 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 class TextStream:
-    """The continuation of one prompt (without the prompt), piece by piece as text; `n_tokens` counts
-    the tokens sampled so far (a piece can hold several, or wait for the rest of a UTF-8 character)."""
+    """The continuation of one prompt (without the prompt), piece by piece as text, ending before a
+    stop token; `n_tokens` counts the tokens sampled so far (a piece can hold several, or wait for
+    the rest of a UTF-8 character)."""
 
-    def __init__(self, tokens: Iterator[torch.Tensor], tokenizer, stop_at_eos: bool):
+    def __init__(self, tokens: Iterator[torch.Tensor], tokenizer, stop_ids: Collection[int]):
         self.n_tokens = 0
-        self._pieces = self._decode(tokens, tokenizer, stop_at_eos)
+        self._pieces = self._decode(tokens, tokenizer, stop_ids)
 
     def __iter__(self) -> "TextStream":
         return self
@@ -168,12 +171,12 @@ class TextStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
-    def _decode(self, tokens: Iterator[torch.Tensor], tokenizer, stop_at_eos: bool) -> Iterator[str]:
+    def _decode(self, tokens: Iterator[torch.Tensor], tokenizer, stop_ids: Collection[int]) -> Iterator[str]:
         out: list[int] = []
         emitted = ""
         for token in tokens:
             t = int(token[0])
-            if stop_at_eos and t == tokenizer.eos_token_id:
+            if t in stop_ids:
                 break
             out.append(t)
             self.n_tokens += 1
@@ -223,22 +226,23 @@ class Engine:
 
     @torch.inference_mode()
     def generate_ids(self, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
-                     vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row, (B,), step by step, until max_new_tokens or all rows hit EOS.
+                     vocab_limit: int | None = None, stop_ids: Collection[int] = ()) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B,), step by step, until max_new_tokens or all rows hit a
+        stop token: EOS or one of stop_ids (a chat's end of turn), when cfg.stop_at_eos.
 
         prompt: (B, T) ids, all rows the same length, cropped to its last block_size tokens (crop_note
-        says so to a user). A row that emitted EOS keeps being padded with EOS."""
+        says so to a user). A row that emitted a stop token keeps being padded with that token."""
         if prompt.dim() != 2 or prompt.size(1) == 0:
             raise UserError("the prompt is empty: give at least one token of text")
         prompt = prompt[:, -self.model.config.block_size:]
         decoder = self._acquire_decoder(prompt.size(0), prompt.device, next(self.model.parameters()).dtype)
         try:
-            yield from self._decode(prompt, cfg, eos_id, vocab_limit, decoder)
+            yield from self._decode(prompt, cfg, {eos_id, *stop_ids} - {None}, vocab_limit, decoder)
         finally:
             if decoder is not None:
                 decoder.in_use.release()
 
-    def _decode(self, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None, vocab_limit: int | None,
+    def _decode(self, prompt: torch.Tensor, cfg: SamplingConfig, stop_ids: set[int], vocab_limit: int | None,
                 decoder: GraphDecoder | None) -> Iterator[torch.Tensor]:
         model = self.model
         block_size = model.config.block_size
@@ -254,7 +258,9 @@ class Engine:
         if cfg.repetition_penalty != 1.0:
             seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
             seen.scatter_(1, prompt, True)
+        stops = torch.tensor(sorted(stop_ids), device=device) if cfg.stop_at_eos and stop_ids else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        token = torch.zeros(B, dtype=torch.long, device=device)
         next_logits = self._prefill(prompt, cache)
         context = [prompt]  # its last block_size tokens are what the next token is predicted from
         length = T  # tokens so far; also the position of the next one while the context has room
@@ -263,12 +269,12 @@ class Engine:
             if vocab_limit is not None and vocab_limit < next_logits.size(-1):
                 next_logits = next_logits.clone()
                 next_logits[:, vocab_limit:] = float("-inf")
-            token = sample_next(next_logits, cfg, seen, generator)
-            if cfg.stop_at_eos and eos_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_id), token)
-                done |= token == eos_id
+            # a finished row repeats the stop token it emitted (the previous step's token)
+            token = torch.where(done, token, sample_next(next_logits, cfg, seen, generator))
+            if stops is not None:
+                done |= torch.isin(token, stops)
             yield token
-            if cfg.stop_at_eos and eos_id is not None and bool(done.all()):
+            if stops is not None and bool(done.all()):
                 return
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
@@ -312,10 +318,38 @@ class Engine:
 
     def stream(self, prompt: str, cfg: SamplingConfig) -> TextStream:
         """The continuation of one prompt, as text pieces while they are sampled."""
+        return self._stream(encode_prompt(self.tokenizer, prompt), cfg, ())
+
+    def fit_chat(self, messages: list[dict], max_new_tokens: int) -> list[dict]:
+        """The conversation without its oldest turns, as many as the prompt for the reply and
+        max_new_tokens need to fit the context. A system message and the last message stay; a kept
+        history starts at a user's message, never at a reply to one that was dropped."""
+        if not isinstance(messages, list) or not messages:
+            raise UserError("a conversation must be a non-empty list of {'role': ..., 'content': ...} messages")
+        block = self.model.config.block_size
+        system = [m for m in messages[:1] if isinstance(m, dict) and m.get("role") == "system"]
+        turns = messages[len(system):]
+        while len(turns) > 1 and len(chat.encode_prompt(self.tokenizer, system + turns)) + max_new_tokens > block:
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0].get("role") == "assistant":
+                turns = turns[1:]
+        return system + turns
+
+    def chat_stream(self, messages: list[dict], cfg: SamplingConfig) -> TextStream:
+        """The assistant's reply to a conversation ([{"role": ..., "content": ...}, ...], the tokenizer's
+        chat format), as text pieces while they are sampled, up to the end of its turn. The oldest
+        turns are left out when the conversation and the reply would not fit the context (fit_chat)."""
+        if not chat.has_chat_format(self.tokenizer):
+            raise UserError("this checkpoint has no chat template: fine-tune it with finetune.py first, "
+                            "or give it a text prompt to continue")
+        ids = chat.encode_prompt(self.tokenizer, self.fit_chat(messages, cfg.max_new_tokens))
+        return self._stream(ids, cfg, (chat.end_of_turn_id(self.tokenizer),))
+
+    def _stream(self, ids: list[int], cfg: SamplingConfig, stop_ids: Collection[int]) -> TextStream:
         device = next(self.model.parameters()).device
-        ids = torch.tensor([encode_prompt(self.tokenizer, prompt)], device=device)
-        tokens = self.generate_ids(ids, cfg, self.tokenizer.eos_token_id, len(self.tokenizer))
-        return TextStream(tokens, self.tokenizer, cfg.stop_at_eos)
+        eos = self.tokenizer.eos_token_id
+        tokens = self.generate_ids(torch.tensor([ids], device=device), cfg, eos, len(self.tokenizer), stop_ids)
+        return TextStream(tokens, self.tokenizer, {eos, *stop_ids} if cfg.stop_at_eos else set())
 
     def continuation_ids(self, prompts: list[str], cfg: SamplingConfig) -> list[list[int]]:
         """The new tokens of several prompts (up to EOS). Prompts of equal token length share one batched decode."""

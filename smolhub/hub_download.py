@@ -11,7 +11,7 @@ from pathlib import Path
 from smolhub.errors import UserError
 
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
-ALLOWED_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.md", "*.png"]
+ALLOWED_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.md", "*.png"]
 
 
 def check_repo_id(repo_id: str) -> str:

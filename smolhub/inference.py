@@ -1,4 +1,5 @@
-"""Inference shared by every model folder: `load_model` / `generate_text` and the inference.py CLI."""
+"""Inference shared by every model folder: `load_model` / `generate_text` and the inference.py CLI,
+which continues text prompts or, with --chat, talks to a checkpoint fine-tuned to chat."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from smolhub.chat import has_chat_format
 from smolhub.checkpoint import load_checkpoint
 from smolhub.cli import parse_cli
 from smolhub.config import option
@@ -51,15 +53,26 @@ def check_architecture(engine: Engine, architecture: str, checkpoint: str, scrip
         raise UserError(f"{checkpoint} holds a {found} model, not {architecture}: run {found}/{script} instead")
 
 
-def generate_text(model: Engine, prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 0,
-                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                  stream: bool = False):
+def generate_text(model: Engine, prompt: str | None = None, max_length: int = 100, temperature: float = 0.8,
+                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                  stream: bool = False, messages: list[dict] | None = None):
     """The prompt followed by up to max_length new tokens (a generator of text pieces if stream=True).
-    A prompt longer than the model's context keeps its end, and a longer generation slides along."""
+    A prompt longer than the model's context keeps its end, and a longer generation slides along.
+
+    messages instead of a prompt, for a checkpoint fine-tuned to chat: a conversation
+    [{"role": "system" | "user" | "assistant", "content": text}, ...] and the assistant's reply to it,
+    up to max_length tokens or the end of its turn (streamed as pieces if stream=True); the oldest
+    turns are left out when the conversation and the reply would not fit the context."""
     if not isinstance(model, Engine):
         raise UserError("generate_text takes the model that load_model(path) returns")
+    if (prompt is None) == (messages is None):
+        raise UserError("generate_text takes either prompt= (text to continue) or messages= (a conversation "
+                        "to reply to)")
     cfg = SamplingConfig(max_new_tokens=max_length, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed)
+    if messages is not None:
+        reply = model.chat_stream(messages, cfg)
+        return reply if stream else "".join(reply)
     if stream:
         return model.stream(prompt, cfg)
     return prompt + model.generate([prompt], cfg)[0]
@@ -83,14 +96,61 @@ class InferenceArgs:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", "Weights dtype; auto = bf16 on CUDA.")
     compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s after ~20 s of compiling; for long "
                            "or many generations).")
+    chat: bool = option(False, "Talk to a checkpoint fine-tuned to chat: each line of stdin is a user turn (until "
+                        "EOF), each reply streams, ending at the end of its turn; the oldest turns are left out "
+                        "when the conversation would not fit the context with --max_new_tokens.")
+    system: str = option("", "With --chat: a system message that starts the conversation.")
+
+
+# what a --chat session takes from stdin instead, and what it always does
+NOT_WITH_CHAT = ("prompt", "prompts_file", "stream", "json")
+
+
+def chat_session(engine: Engine, cfg: SamplingConfig, system: str) -> None:
+    """The --chat loop: a user turn per line of stdin, the reply streamed to stdout. A terminal gets a
+    prompt marker; a pipe gets the replies alone, one after the other."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and recall in input())
+        print("Type a message and press Enter; Ctrl-D ends the chat.", file=sys.stderr)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        kept = engine.fit_chat(history, cfg.max_new_tokens)
+        if len(kept) < len(history):
+            print(f"(left out the oldest {len(history) - len(kept)} messages: the conversation and "
+                  f"{cfg.max_new_tokens} new tokens must fit the context of {engine.model.config.block_size})",
+                  file=sys.stderr)
+        history = kept
+        reply = ""
+        for piece in engine.chat_stream(history, cfg):
+            print(piece, end="", flush=True)
+            reply += piece
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+    if interactive:
+        print()  # the shell's prompt starts on a line of its own after Ctrl-D
 
 
 def main(architecture: str, argv: list[str] | None = None, prog: str = "inference.py") -> None:
     """Entry point of <architecture>/inference.py."""
-    (args,) = parse_cli((InferenceArgs,), {}, argv, prog=prog,
-                        description=f"Generate text from a {architecture} checkpoint.")
+    parsed = parse_cli((InferenceArgs,), {}, argv, prog=prog,
+                       description=f"Generate text from a {architecture} checkpoint, or chat with it (--chat).")
+    (args,) = parsed
     if not args.checkpoint:
         raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
+    if args.chat:
+        clash = [f"--{name}" for name in NOT_WITH_CHAT if name in parsed.explicit]
+        if clash:
+            raise UserError(f"--chat reads each user turn from stdin and streams the reply: drop {', '.join(clash)}")
+    elif args.system:
+        raise UserError("--system starts a conversation: add --chat")
     if args.prompts_file:
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
@@ -108,6 +168,12 @@ def main(architecture: str, argv: list[str] | None = None, prog: str = "inferenc
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          seed=None if args.seed < 0 else args.seed)
+    if args.chat:
+        if not has_chat_format(engine.tokenizer):
+            raise UserError(f"{args.checkpoint} has no chat template: fine-tune it first, e.g. python finetune.py "
+                            f"--init_from {args.checkpoint} --dataset yahma/alpaca-cleaned, then chat with that")
+        chat_session(engine, cfg, args.system)
+        return
     for i, prompt in enumerate(prompts):
         note = engine.crop_note(prompt)
         if note:

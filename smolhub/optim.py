@@ -24,7 +24,8 @@ def adamw_param_groups(model: nn.Module, weight_decay: float, exclude: Sequence[
 
 def muon_params(model: nn.Module) -> list[nn.Parameter]:
     """Muon's share: the hidden weight matrices (and 3-D expert stacks), never an embedding or the head."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) or m is model.lm_head
+                  for p in m.parameters()}  # their parametrizations' too (a LoRA run's new token rows)
     return [p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in embeddings]
 
 

@@ -10,6 +10,7 @@ post-training share all of this.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -20,17 +21,17 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_model as load_safetensors_into
 from tqdm import tqdm
 
-from smolhub.checkpoint import (LoadedCheckpoint, load_checkpoint, read_config, read_meta, resume_point,
-                                run_checkpoints, save_checkpoint)
-from smolhub.config import ModelConfig, TrainConfig, pad_vocab, reconcile_with_checkpoint
+from smolhub.checkpoint import (LoadedCheckpoint, load_checkpoint, load_weights, read_config, read_meta,
+                                resume_point, run_checkpoints, save_checkpoint)
+from smolhub.config import AUTO_BATCH, ModelConfig, TrainConfig, pad_vocab, reconcile_with_checkpoint
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig
 from smolhub.log import MetricsLogger
 from smolhub.objectives import NextTokenPrediction, Objective
 from smolhub.optim import build_optimizer, build_scheduler
+from smolhub.plan import auto_batch_size, eta_line, plan_lines
 from smolhub.run_dir import RunDir, unwritable
 from smolhub.runtime import (Interrupted, Runtime, StopSignal, autocast, autocast_dtype, gather_rng_states,
                              max_over_ranks, mean_over_ranks, on_main_first, raise_if_stopped, set_rng_state,
@@ -124,9 +125,10 @@ class MetricWindow:
 def evaluate(step_model: nn.Module, objective: Objective, make_loader: Callable[[], object], n_batches: int,
              amp, rt: Runtime) -> dict[str, float]:
     """The objective's metrics, as val_<name>, over the first n_batches of a fresh validation loader
-    (the same batches every time)."""
+    (the same batches every time; at most one pass over it)."""
     step_model.eval()
     loader = make_loader()
+    n_batches = min(n_batches, loader.batches_per_epoch)  # a small split is read once, not counted twice
     sums: dict[str, torch.Tensor] = {}
     for _ in range(n_batches):
         batch = tuple(t.to(rt.device) for t in loader.next_batch())
@@ -165,6 +167,7 @@ class Trainer:
     step: int = 0
     tokens_seen: int = 0
     train_seconds: float = 0.0  # spent in training steps (for --max_seconds), carried over a resume
+    record: dict = field(default_factory=dict)  # more entries of each checkpoint's config.json (Stage.record)
     first_nonfinite: torch.Tensor = field(init=False)  # the first step whose loss was nan/inf (0: none), on the device
 
     def __post_init__(self):
@@ -240,7 +243,7 @@ class Trainer:
                          "loader": self.loader.state_dict(), "rng": states, "train_config": asdict(self.cfg)}
         try:
             path = save_checkpoint(self.out_dir, self.step, self.model, self.sampler.tokenizer, meta, trainer_state,
-                                   self.cfg.keep_last)
+                                   self.cfg.keep_last, self.record)
         except OSError as e:
             previous = run_checkpoints(self.out_dir, self.run_id)
             kept = f"{previous[-1]} is intact: continue from it with --resume" if previous else "nothing was saved"
@@ -274,6 +277,7 @@ def fit(t: Trainer, stop: StopSignal) -> dict:
         t.logger.log({"step": 0, "tokens": 0, "seconds": 0.0, **first})
         t.logger.write(f"step 0: val loss {last_val:.4f}")
     window = MetricWindow()
+    windows = 0
     stopping = False
     try:
         while t.step < cfg.max_steps:
@@ -292,6 +296,10 @@ def fit(t: Trainer, stop: StopSignal) -> dict:
             record = {"step": t.step, "tokens": t.tokens_seen, "seconds": t.train_seconds}
             if due.log:
                 record.update(t.log_record(window, seq_len, grad_norm))
+                windows += 1
+                if windows == 2 and t.step < cfg.max_steps:  # the first window holds compilation and warm-up
+                    t.logger.write(eta_line(t.step, cfg.max_steps, t.tokens_per_step, record["tok_per_s"],
+                                            cfg.max_seconds, t.train_seconds))
             if due.eval:
                 record.update(t.evaluate())
                 last_val = record["val_loss"]
@@ -333,17 +341,52 @@ def next_token_prediction(model: nn.Module, tokenizer) -> Objective:
     return NextTokenPrediction(model, token_byte_lengths(tokenizer, model.config.vocab_size))
 
 
+class Stage:
+    """What differs between the kinds of run this engine trains: the tokenizer and data, the model
+    made from the starting point, and what a checkpoint records besides the weights. This class is
+    pretraining; smolhub/finetune builds supervised fine-tuning and DPO on the same hooks, and all
+    else (the loop, DDP, AMP, compile, checkpoints, resume, signals, logging) is common."""
+
+    def prepare_data(self, cfg: TrainConfig, mcfg: ModelConfig, rt: Runtime, start: StartingPoint):
+        """The run's tokenizer and data (whose n_train_tokens the plan lines count epochs of)."""
+        return prepare_data(cfg, mcfg, rt, start.resume_from, start.base)
+
+    def build_model(self, model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, tokenizer,
+                    start: StartingPoint) -> nn.Module:
+        """The model, on the CPU, with the weights it starts from (restore loads a --resume's later)."""
+        model = build_model(model_cls, mcfg, cfg, tokenizer)
+        if start.base is not None:
+            model.load_state_dict(start.base.model.state_dict())
+        return model
+
+    def loaders(self, data, cfg: TrainConfig, rt: Runtime, block_size: int) -> tuple[object, Callable[[], object]]:
+        """The training loader and a maker of fresh validation loaders: next_batch(seq_len) gives the
+        tuple the objective takes, state_dict/load_state_dict the position for an exact resume."""
+        from smolhub.data import PackedLoader
+
+        def packed_loader(shards: list[str], shuffle: bool) -> PackedLoader:
+            return PackedLoader(shards, data.dtype, cfg.batch_size, block_size, rank=rt.rank,
+                                world_size=rt.world_size, seed=cfg.seed, shuffle=shuffle)
+
+        return packed_loader(data.train_shards, shuffle=True), lambda: packed_loader(data.val_shards, shuffle=False)
+
+    def record(self) -> dict:
+        """More entries of every checkpoint's config.json."""
+        return {}
+
+
 def train(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig,
           make_objective: Callable[[nn.Module, object], Objective] = next_token_prediction,
-          explicit: frozenset[str] = frozenset()) -> dict:
+          explicit: frozenset[str] = frozenset(), stage: Stage | None = None) -> dict:
     """Train model_cls and return the final metrics. Owns the process group, the stop signals and
     the lock on the output folder for the whole run, setup included. `explicit`: the fields given
-    on the command line or in --config (cli.Parsed), which a checkpoint may not silently override."""
+    on the command line or in --config (cli.Parsed), which a checkpoint may not silently override.
+    `stage`: what kind of run (pretraining by default)."""
     rt = setup_runtime(cfg)
     stop = StopSignal()
     run_dir = RunDir(cfg.out_dir or f"out/{model_cls.__name__}")
     try:
-        return fit(setup(model_cls, mcfg, cfg, rt, run_dir, make_objective, explicit), stop)
+        return fit(setup(model_cls, mcfg, cfg, rt, run_dir, make_objective, explicit, stage or Stage()), stop)
     finally:
         stop.restore()
         run_dir.release()
@@ -352,11 +395,10 @@ def train(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig,
 
 def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: Runtime, run_dir: RunDir,
           make_objective: Callable[[nn.Module, object], Objective] = next_token_prediction,
-          explicit: frozenset[str] = frozenset()) -> Trainer:
+          explicit: frozenset[str] = frozenset(), stage: Stage | None = None) -> Trainer:
     """Build a run: its starting point (new, --resume or --init_from), tokenizer and data, model,
-    optimizer, what runs the step, and the logger."""
-    from smolhub.data import PackedLoader
-
+    optimizer, what runs the step, and the logger; `stage` says what differs between kinds of run."""
+    stage = stage or Stage()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
@@ -365,25 +407,23 @@ def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: R
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and rt.device.type == "cuda")
     use_cuda_graphs(cfg, rt, use_compile, accum=1)  # where they can never run, fail before the data is read
     start = starting_point(mcfg, cfg, rt, run_dir, explicit)
-    mcfg, cfg, resume_from, base = start.mcfg, start.cfg, start.resume_from, start.base
+    mcfg, cfg, resume_from = start.mcfg, start.cfg, start.resume_from
 
-    tokenizer, data = prepare_data(cfg, mcfg, rt, resume_from, base)
+    tokenizer, data = stage.prepare_data(cfg, mcfg, rt, start)
     raise_if_stopped()
-    model = build_model(model_cls, mcfg, cfg, tokenizer)
-    if base is not None:
-        model.load_state_dict(base.model.state_dict())
+    model = stage.build_model(model_cls, mcfg, cfg, tokenizer, start)
+    if cfg.batch_size == AUTO_BATCH:
+        picked, line = auto_batch_size(model, lambda m: make_objective(m, tokenizer), cfg, rt,
+                                       autocast_dtype(cfg, rt.device), min(data.n_train_tokens, data.n_val_tokens))
+        cfg = dataclasses.replace(cfg, batch_size=picked)  # what the checkpoint records, and --resume keeps
+        start.notes.append(line)
     model.to(rt.device)
     optimizer = build_optimizer(model, cfg, rt.device.type)
     scheduler = build_scheduler(optimizer, cfg)
     amp_dtype = autocast_dtype(cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
     block_size = model.config.block_size
-
-    def packed_loader(shards: list[str], shuffle: bool) -> PackedLoader:
-        return PackedLoader(shards, data.dtype, cfg.batch_size, block_size, rank=rt.rank,
-                            world_size=rt.world_size, seed=cfg.seed, shuffle=shuffle)
-
-    loader = packed_loader(data.train_shards, shuffle=True)
+    loader, make_val_loader = stage.loaders(data, cfg, rt, block_size)
     step, tokens_seen = 0, 0
     if resume_from is not None:
         step, tokens_seen = restore(resume_from, start.state, model, optimizer, scheduler, scaler, loader, rt)
@@ -399,16 +439,19 @@ def setup(model_cls: type[nn.Module], mcfg: ModelConfig, cfg: TrainConfig, rt: R
     where = f"resuming {resume_from} at step {step}" if resume_from else "starting"
     logger.write(f"{model_cls.__name__}: {model.num_params() / 1e6:.2f}M parameters "
                  f"({model.num_active_params() / 1e6:.2f}M active), {where}; {rt.world_size} process(es) on "
-                 f"{rt.device.type}, {amp_dtype}, compile={use_compile}, cuda_graphs={graphs}, {tokens_per_step} "
-                 f"tokens/step ({accum} micro-batches)")
+                 f"{rt.device.type}, {amp_dtype}, compile={use_compile}, cuda_graphs={graphs}")
+    for line in plan_lines(tokens_per_step, cfg.batch_size, accum, rt.world_size, block_size, cfg.max_steps, step,
+                           data.n_train_tokens):
+        logger.write(line)
     return Trainer(cfg=cfg, rt=rt, model=model, step_model=step_model_for(model, rt, use_compile, graphs),
                    objective=make_objective(model, tokenizer), sampler=Engine(model, tokenizer),
                    optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=autocast(rt.device, amp_dtype),
-                   loader=loader, make_val_loader=lambda: packed_loader(data.val_shards, shuffle=False), logger=logger,
+                   loader=loader, make_val_loader=make_val_loader, logger=logger,
                    out_dir=out_dir, accum=accum, tokens_per_step=tokens_per_step,
                    peak_flops=(cfg.peak_tflops or (989.5 if rt.device.type == "cuda" else 0.0)) * 1e12,
                    run_id=start.run_id, step=step, tokens_seen=tokens_seen,
-                   train_seconds=start.state.get("train_seconds", 0.0) if start.state else 0.0)
+                   train_seconds=start.state.get("train_seconds", 0.0) if start.state else 0.0,
+                   record=stage.record())
 
 
 @dataclass
@@ -488,7 +531,7 @@ def restore(folder: Path, state: dict, model: nn.Module, optimizer, scheduler, s
     """Continue exactly where the checkpoint in `folder` (with trainer state `state`) stopped:
     weights, optimizer, schedule, loss scale, data position and every rank's RNG. Returns (step,
     tokens seen)."""
-    load_safetensors_into(model, str(folder / "model.safetensors"))
+    load_weights(model, folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -52,9 +52,10 @@ def report_card_table(markdown: str) -> str:
 
 def model_card(repo_id: str, config: dict, params: int, active_params: int, n_tokens: int, metrics: list[dict],
                samples: list[tuple[str, str]], sampling: str, has_curve: bool, remote_code: bool,
-               evaluation: str = "") -> str:
+               evaluation: str = "", chat: bool = False) -> str:
     """remote_code: whether the transformers export carries its own modelling code (trust_remote_code=True);
-    evaluation: the checkpoint's report card table (report_card_table), if it has one."""
+    evaluation: the checkpoint's report card table (report_card_table), if it has one;
+    chat: whether its tokenizer has the chat format (smolhub.chat.has_chat_format)."""
     arch, meta = config["architecture"], config.get("meta", {})
     dataset, dataset_repo = _dataset_line(meta.get("dataset"))
     val_loss = meta.get("val_loss") if meta.get("val_loss") is not None else _last(metrics, "val_loss")
@@ -67,6 +68,9 @@ def model_card(repo_id: str, config: dict, params: int, active_params: int, n_to
     front.append("---")
     lines = [*front, "", f"# {repo_id.split('/')[-1]}", "",
              f"A {arch} language model trained from scratch with SmolHub (`{arch}/` in its repository).", "",
+             *([("It is a chat model: its tokenizer carries a ChatML chat template (`<|im_start|>` ... "
+                 "`<|im_end|>`), so `tokenizer.apply_chat_template` builds its prompts, and a reply ends at "
+                 "`<|im_end|>`."), ""] if chat else []),
              "| | |", "|---|---|",
              f"| architecture | {arch} |",
              f"| parameters | {_millions(params)} total, {_millions(active_params)} active per token |",
@@ -95,6 +99,7 @@ def model_card(repo_id: str, config: dict, params: int, active_params: int, n_to
               f'model = load_model("{repo_id}")', 'print(generate_text(model=model, prompt="Once upon a time", '
               'max_length=100, temperature=0.7))', "```", "", "```bash",
               f"python {arch}/inference.py --checkpoint {repo_id} --prompt \"Once upon a time\"",
+              *([f"python {arch}/inference.py --checkpoint {repo_id} --chat           # talk to it"] if chat else []),
               f"python {arch}/trainer.py --init_from {repo_id}        # fine-tune from these weights",
               f"python -m smolhub_hub pull {repo_id} local/{arch}      # a local copy",
               "```", "", "With plain `transformers`, export it first:", "", "```bash",
@@ -102,4 +107,10 @@ def model_card(repo_id: str, config: dict, params: int, active_params: int, n_to
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{arch}-hf"{remote})',
               f'tokenizer = AutoTokenizer.from_pretrained("{arch}-hf"{remote})', "```", ""]
+    if chat:
+        lines += ["```python", 'messages = [{"role": "user", "content": "Tell me a story."}]',
+                  "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                  "return_dict=True)",
+                  "reply = model.generate(**prompt, max_new_tokens=100)[0, prompt[\"input_ids\"].size(1):]",
+                  "print(tokenizer.decode(reply, skip_special_tokens=True))", "```", ""]
     return "\n".join(lines)

@@ -68,11 +68,18 @@ def special_token_ids(tokenizer) -> dict:
 
 
 def generation_config(tokenizer, vocab_size: int):
-    """Greedy/sampled `generate()` as ours: stop at EOS, never emit the embedding's padding rows."""
+    """Greedy/sampled `generate()` as ours: stop at EOS (and at the end of a turn for a chat model),
+    never emit the embedding's padding rows."""
     from transformers import GenerationConfig
 
+    from smolhub.chat import end_of_turn_id
+
+    ids = special_token_ids(tokenizer)
+    turn = end_of_turn_id(tokenizer)
+    if turn is not None:
+        ids["eos_token_id"] = [ids["eos_token_id"], turn]
     padding = list(range(len(tokenizer), vocab_size))
-    return GenerationConfig(**special_token_ids(tokenizer), suppress_tokens=padding or None)
+    return GenerationConfig(**ids, suppress_tokens=padding or None)
 
 
 def build_hf_model(adapter, hf_cfg, weights: dict):

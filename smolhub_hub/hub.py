@@ -44,10 +44,11 @@ class UploadPlan:
 
 
 def checkpoint_files(folder: Path, with_trainer_state: bool) -> dict[str, Path]:
-    """The checkpoint's weights, config, tokenizer and report card (report_card.json) files (the kinds a
-    pull accepts); the pickled trainer state only when asked for, since a pull never fetches it."""
+    """The checkpoint's weights, config, tokenizer (chat_template.jinja included) and report card
+    (report_card.json) files (the kinds a pull accepts); the pickled trainer state only when asked
+    for, since a pull never fetches it."""
     files = {p.name: p for p in sorted(folder.iterdir())
-             if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")}
+             if p.is_file() and p.suffix in (".safetensors", ".json", ".txt", ".jinja")}
     if with_trainer_state:
         state = folder / TRAINER_STATE
         if not state.is_file():
@@ -60,7 +61,8 @@ def plan_upload(checkpoint: str, repo_id: str, with_trainer_state: bool = False,
                 prompts: tuple[str, ...] | None = None, max_new_tokens: int = 60, seed: int = 0) -> UploadPlan:
     """Everything a push does short of the network: resolve and load the checkpoint, pick the files,
     generate seeded samples and write the model card."""
-    from smolhub.checkpoint import load_checkpoint, resolve_checkpoint
+    from smolhub.chat import has_chat_format
+    from smolhub.checkpoint import ADAPTER_WEIGHTS, load_checkpoint, resolve_checkpoint, weights_file
     from smolhub.eval.report import MARKDOWN_NAME
     from smolhub.generate import SamplingConfig, generate_batch
     from smolhub_hub.card import SAMPLE_PROMPTS, model_card, read_metrics, report_card_table
@@ -68,6 +70,9 @@ def plan_upload(checkpoint: str, repo_id: str, with_trainer_state: bool = False,
 
     check_repo_id(repo_id)
     folder = resolve_checkpoint(checkpoint)
+    if weights_file(folder).name == ADAPTER_WEIGHTS:  # its files alone are unusable: they need the base's
+        raise UserError(f"{folder} is a LoRA adapter checkpoint: merge it first with `python finetune.py --merge "
+                        f"{checkpoint}`, then push the merged folder")
     loaded = load_checkpoint(str(folder))
     model = loaded.model
     files = checkpoint_files(folder, with_trainer_state)
@@ -85,7 +90,7 @@ def plan_upload(checkpoint: str, repo_id: str, with_trainer_state: bool = False,
     card = model_card(repo_id, loaded.config, model.num_params(), model.num_active_params(),
                       len(loaded.tokenizer), read_metrics(folder.parent), list(zip(prompts, completions)), described,
                       has_curve=LOSS_CURVE in files, remote_code=adapter_for(loaded.config["architecture"]).REMOTE_CODE,
-                      evaluation=evaluation)
+                      evaluation=evaluation, chat=has_chat_format(loaded.tokenizer))
     return UploadPlan(repo_id, folder, files, card)
 
 

@@ -96,3 +96,27 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         for item in cuda_items:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run with `pytest -m cuda` there)"))
+
+
+# One headless Chromium for the whole session (two Playwright sync sessions cannot share a process).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    yield page
+    page.close()

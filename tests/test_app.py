@@ -15,12 +15,11 @@ import httpx
 import pytest
 import torch
 
+from conftest import CHROMIUM, CHROMIUM_ARGS
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 PROMPT = "Once upon a time"
 TOKENS = 40  # new tokens per request in most tests
@@ -118,24 +117,6 @@ def model(checkpoints):
     from smolhub.inference import load_model
 
     return load_model(str(checkpoints[0]), device="cpu")
-
-
-@pytest.fixture(scope="session")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture()
-def page(browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    yield page
-    page.close()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ SIZES = [
 # (architecture, config overrides, tolerance): the attention variants each model can be built with.
 # StoryMixtral's 8-token window is shorter than the prefill, so its ring-buffer cache wraps around.
 # StoryKimi's cache attends in the absorbed form, summed in another order than the full forward,
-# and RMSNorm normalises in fp32 even in a float64 model: the two meet at fp32 rounding.
+# and its attention scores and router are computed in fp32 even in a float64 model: the two meet at fp32 rounding.
 DECODING = [
     pytest.param("SmolTransformer", {}, 1e-9, id="SmolTransformer"),
     pytest.param("SmolTransformer", {"positions": "sinusoidal"}, 1e-9, id="SmolTransformer-sinusoidal"),

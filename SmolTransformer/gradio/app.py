@@ -1,4 +1,5 @@
-"""SmolTransformer's web demo: streamed generation, sampling controls, a model card and a /generate API.
+"""SmolTransformer's web demo: streamed generation, sampling controls, a model card and a /generate API;
+a chat and a /chat API for a checkpoint fine-tuned by finetune.py.
 
     python gradio/app.py --checkpoint out/SmolTransformer
 """

@@ -3,6 +3,7 @@ own trainer.py (see smolhub/compare/__init__.py for the spec)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import json
 import os
@@ -16,9 +17,11 @@ import torch
 import yaml
 
 from smolhub.checkpoint import latest_checkpoint, read_meta
+from smolhub.config import AUTO_BATCH
 from smolhub.data import training_tokenizer
 from smolhub.errors import UserError
 from smolhub.modeling import model_class
+from smolhub.plan import sequences_per_process
 from smolhub.train import build_model, grad_accum_steps, parse_train_flags
 
 BUDGETS = ("tokens", "flops", "seconds")
@@ -167,6 +170,8 @@ def plan_arm(study: Study, arm: Arm) -> Plan:
         tokenizer = training_tokenizer(cfg)  # trained once into data_dir, where the trainer finds it
         with torch.device("meta"):
             model = build_model(cls, mcfg, cfg, tokenizer)
+        if cfg.batch_size == AUTO_BATCH:  # the trainer splits the same tokens per step into the micro-batches that fit
+            cfg = dataclasses.replace(cfg, batch_size=sequences_per_process(cfg, mcfg.block_size, study.nproc_per_node))
         tokens_per_step = (grad_accum_steps(cfg, mcfg.block_size, study.nproc_per_node) * cfg.batch_size
                            * mcfg.block_size * study.nproc_per_node)
     except UserError as e:

@@ -1,6 +1,7 @@
 """Building blocks shared by the five models."""
 from smolhub.layers.attention import CausalSelfAttention, KVCache, SlidingWindowKVCache, attend, causal_mask
 from smolhub.layers.feedforward import GeluMLP, SwiGLU
+from smolhub.layers.masks import DocumentMask, document_mask, document_positions
 from smolhub.layers.moe import (
     GroupedExperts,
     MoEFeedForward,
@@ -22,7 +23,7 @@ from smolhub.layers.positions import (
 
 __all__ = [
     "CausalSelfAttention", "KVCache", "attend", "causal_mask", "GeluMLP", "SwiGLU", "LayerNorm", "RMSNorm",
-    "SlidingWindowKVCache",
+    "SlidingWindowKVCache", "DocumentMask", "document_mask", "document_positions",
     "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEmbedding", "apply_rotary",
     "GroupedExperts", "MoEFeedForward", "NoisyTopKRouter", "SoftmaxTopKRouter", "moe_aux_loss", "moe_metrics",
     "expert_counts", "inactive_expert_params", "top_k_indices",

@@ -1,9 +1,10 @@
 """Causal self-attention (MHA / GQA / MQA by `n_kv_heads`) through scaled_dot_product_attention,
-optionally restricted to a sliding window (FlexAttention on CUDA)."""
+optionally restricted to a sliding window or to the documents of a packed row (FlexAttention on CUDA)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smolhub.layers.masks import DocumentMask
 from smolhub.layers.positions import apply_rotary, rotary_qkv
 
 
@@ -103,28 +104,36 @@ _block_masks: dict = {}
 _compiled_flex = None
 
 
-def _sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                         scale: float | None) -> torch.Tensor:
-    """FlexAttention over a fresh sequence with a block-sparse sliding-window mask: blocks entirely
-    outside the window are skipped, so the cost grows with T * window instead of T^2."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float | None) -> torch.Tensor:
+    """FlexAttention with a block-sparse mask: blocks the mask rules out entirely are skipped."""
+    from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
+
+    gqa = q.size(1) != k.size(1)
+    if torch.compiler.is_compiling():  # traced into the model's graph, and fused there
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if _compiled_flex is None:  # eager flex_attention is an unfused reference; compiled it is one kernel
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def _sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                         scale: float | None) -> torch.Tensor:
+    """FlexAttention over a fresh sequence with a sliding-window mask: the cost grows with T * window
+    instead of T^2."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def sliding_causal(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
     T = q.size(2)
-    gqa = q.size(1) != k.size(1)
-    if torch.compiler.is_compiling():  # traced into the model's graph: built there, and fused
-        block_mask = create_block_mask(sliding_causal, None, None, T, T, device=q.device)
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if torch.compiler.is_compiling():  # built in the model's graph
+        return _flex(q, k, v, create_block_mask(sliding_causal, None, None, T, T, device=q.device), scale)
     key = (T, window, q.device)
     if key not in _block_masks:
         _block_masks[key] = create_block_mask(sliding_causal, None, None, T, T, device=q.device)
-    if _compiled_flex is None:  # eager flex_attention is an unfused reference; compiled it is one kernel
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=_block_masks[key], scale=scale, enable_gqa=gqa)
+    return _flex(q, k, v, _block_masks[key], scale)
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
@@ -146,7 +155,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visib
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, dropout_p: float = 0.0,
            scale: float | None = None, window: int | None = None,
-           key_pos: torch.Tensor | None = None) -> torch.Tensor:
+           key_pos: torch.Tensor | None = None, documents: DocumentMask | None = None) -> torch.Tensor:
     """Causal SDPA for queries at positions start_pos.. over keys at positions 0.. (or `key_pos`).
 
     The cases keep the fast kernels where possible: a fresh sequence uses is_causal, one new token
@@ -154,10 +163,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, dr
     a sliding window) takes `one_query_attention`, and only a chunk appended to a cache needs a
     masked SDPA. With a sliding `window`, a query sees only the last `window` positions up to
     itself: FlexAttention trains it on CUDA, a boolean mask on CPU (FlexAttention has no CPU
-    backward) and in decoding.
+    backward) and in decoding. With `documents` (a packed row, no cache) a query sees only its own
+    document, within the window the mask was built with: its BlockMask or its boolean mask.
     """
     q_len, k_len = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
+    if documents is not None:
+        if window != documents.window:
+            raise ValueError(f"the document mask folds in window {documents.window}, this layer has {window}")
+        if documents.block_mask is not None and dropout_p == 0.0:
+            return _flex(q, k, v, documents.block_mask, scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=documents.visible(), dropout_p=dropout_p,
+                                              scale=scale, enable_gqa=gqa)
     if window is not None and key_pos is None and k_len <= window:
         window = None  # no key is ever out of reach: plain causal attention and its fastest kernels
     if window is not None or key_pos is not None:
@@ -185,8 +202,10 @@ class CausalSelfAttention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads shared by groups of query heads.
 
     n_kv_heads == n_head is MHA, 1 is MQA, anything dividing n_head in between is GQA. q, k and v
-    come from one fused projection; RoPE is applied when the caller passes (cos, sin). A `window`
-    limits each query to the last `window` positions, itself included (Mistral's sliding window).
+    come from one fused projection; RoPE is applied when the caller passes (cos, sin), per position
+    (T, D) or per token (B, T, D). A `window` limits each query to the last `window` positions, itself
+    included (Mistral's sliding window); a DocumentMask, built with that window, keeps the documents
+    of a packed row apart.
     """
 
     def __init__(self, dim: int, n_head: int, n_kv_heads: int | None = None, dropout: float = 0.0,
@@ -206,7 +225,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int = 0,
+                documents: DocumentMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x)
         if rope is not None and kv_cache is None:
@@ -227,6 +247,6 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v, start_pos)
         key_pos = kv_cache.key_positions(start_pos, T) if isinstance(kv_cache, SlidingWindowKVCache) else None
         y = attend(q, k, v, start_pos, dropout_p=self.dropout if self.training else 0.0, window=self.window,
-                   key_pos=key_pos)
+                   key_pos=key_pos, documents=documents)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.out(y))

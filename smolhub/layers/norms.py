@@ -1,4 +1,5 @@
-"""Normalisation layers. Statistics are computed in fp32 whatever the autocast dtype."""
+"""Normalisation layers. Statistics are computed in fp32 whatever the autocast dtype (in fp64 for fp64
+inputs, so that a float64 model is an exact reference)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), (x.size(-1),), self.weight.to(dtype), self.eps).type_as(x)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -23,5 +25,6 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
                             self.eps).type_as(x)

@@ -32,6 +32,10 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"positions up to {start_pos + seq_len} exceed the RoPE table ({self.cos.size(0)})")
         return self.cos[start_pos:start_pos + seq_len], self.sin[start_pos:start_pos + seq_len]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, T, D) for per-token positions (B, T): documents packed in a row restart at 0."""
+        return self.cos[positions], self.sin[positions]
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -39,16 +43,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D) with cos/sin (T, D), or x: (B, T, H, D) with cos/sin (T, 1, D)."""
+    """x: (B, H, T, D) with cos/sin (T, D), or x: (B, T, H, D) with cos/sin (T, 1, D); per-token
+    positions give cos/sin a leading batch dimension, (B, 1, T, D) or (B, T, 1, D)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
 def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """The rotation of smolhub.kernels.rotary in torch, in fp32 at least: x (B, T, H, D), cos/sin (T, D).
-    inverse applies its transpose, x cos - rotate_half(x sin): how a gradient flows back through it."""
+    """The rotation of smolhub.kernels.rotary in torch, in fp32 at least: x (B, T, H, D), cos/sin (T, D)
+    or (B, T, D). inverse applies its transpose, x cos - rotate_half(x sin): how a gradient flows back
+    through it."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x32, cos, sin = x.to(dtype), cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    x32, cos, sin = x.to(dtype), cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)
     y = x32 * cos - rotate_half(x32 * sin) if inverse else apply_rotary(x32, cos, sin)
     return y.to(x.dtype)
 
@@ -68,9 +74,15 @@ def _rotary_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_he
     if _rotary_kernel_runs(qkv, head_dim):
         from smolhub.kernels.rotary import rotary_qkv
 
+        if cos.dim() == 3:  # per-token positions: as one row of B * T tokens, token t reads row t
+            q, k, v = rotary_qkv(qkv.contiguous().view(1, B * T, width), cos.reshape(B * T, head_dim),
+                                 sin.reshape(B * T, head_dim), n_head, n_kv)
+            return q.view(B, T, n_head, head_dim), k.view(B, T, n_kv, head_dim), v.view(B, T, n_kv, head_dim)
         return rotary_qkv(qkv.contiguous(), cos, sin, n_head, n_kv)
     q, k, v = qkv.view(B, T, n_head + 2 * n_kv, head_dim).split([n_head, n_kv, n_kv], dim=2)
-    return _rotate_halves(q, cos, sin, False), _rotate_halves(k, cos, sin, False), v.contiguous()
+    # a copy even where the slice is contiguous already (a single token): an op's output must not alias its input
+    v = v.clone(memory_format=torch.contiguous_format)
+    return _rotate_halves(q, cos, sin, False), _rotate_halves(k, cos, sin, False), v
 
 
 @_rotary_qkv_op.register_fake
@@ -87,6 +99,11 @@ def _rotary_qkv_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: 
     if _rotary_kernel_runs(grad_q, grad_q.size(-1)):
         from smolhub.kernels.rotary import rotary_qkv_backward
 
+        if cos.dim() == 3:  # per-token positions, as in the forward: one long row
+            B, T = grad_q.shape[:2]
+            grad = rotary_qkv_backward(grad_q.flatten(0, 1)[None], grad_k.flatten(0, 1)[None],
+                                       grad_v.flatten(0, 1)[None], cos.flatten(0, 1), sin.flatten(0, 1))
+            return grad.view(B, T, -1)
         return rotary_qkv_backward(grad_q, grad_k, grad_v, cos, sin)
     grads = (_rotate_halves(grad_q, cos, sin, True), _rotate_halves(grad_k, cos, sin, True), grad_v)
     return torch.cat(grads, dim=2).flatten(2)
@@ -113,7 +130,7 @@ _rotary_qkv_op.register_autograd(_rotary_qkv_grad, setup_context=_rotary_qkv_set
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
                n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fused projection qkv (B, T, (n_head + 2 n_kv) D) -> q (B, T, n_head, D) and k (B, T, n_kv, D)
-    with RoPE applied for the positions of cos/sin (T, D), and v (B, T, n_kv, D).
+    with RoPE applied for the positions of cos/sin (T, D) (or (B, T, D), per token), and v (B, T, n_kv, D).
 
     The value of splitting and calling apply_rotary, computed in fp32. On CUDA one Triton kernel
     each way (smolhub.kernels.rotary), which torch.compile sees as one opaque op: the split, the
@@ -133,6 +150,10 @@ class LearnedPositionalEmbedding(nn.Embedding):
                              f"{self.num_embeddings} learned positions (the context length)")
         pos = start_pos + torch.arange(seq_len, device=self.weight.device)
         return super().forward(pos)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) for per-token positions (B, T): documents packed in a row restart at 0."""
+        return super().forward(positions)
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
@@ -155,3 +176,7 @@ class SinusoidalPositionalEmbedding(nn.Module):
             raise ValueError(f"sequence reaches position {start_pos + seq_len}, beyond the "
                              f"{self.table.size(0)} positions (the context length)")
         return self.table[start_pos:start_pos + seq_len]
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) for per-token positions (B, T): documents packed in a row restart at 0."""
+        return self.table[positions]
