@@ -117,6 +117,17 @@ class Timed:
             self.seconds += time.perf_counter() - start
 
 
+def streamed(pieces: Timed, text: str, note: str, seed: int) -> Iterator[tuple[str, object]]:
+    """(text so far, status line) as the pieces arrive, then the speed and seed: what both demos show."""
+    status = "Generating..." + note
+    for piece in pieces:
+        text += piece
+        # the status goes out once: a piece still in flight when Stop is pressed must not overwrite "Stopped."
+        yield text, status
+        status = gr.skip()
+    yield text, f"{pieces.speed()}, seed {seed}{note}"
+
+
 def model_card(engine: Engine) -> str:
     meta, model = engine.meta, engine.model
 
@@ -175,19 +186,10 @@ def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
-            note = crop_suffix(engine, prompt)
-            pieces = Timed(engine.stream(prompt, cfg))
-            text, status = prompt, "Generating..." + note
-            for piece in pieces:
-                text += piece
-                # the status goes out once: a piece still in flight when Stop is pressed must not
-                # overwrite "Stopped."
-                yield text, status
-                status = gr.skip()
+            yield from streamed(Timed(engine.stream(prompt, cfg)), prompt, crop_suffix(engine, prompt), cfg.seed)
         except UserError as e:
             # a user mistake: show it in the page, keep the server log for real failures
             raise gr.Error(str(e), print_exception=False) from None
-        yield text, f"{pieces.speed()}, seed {cfg.seed}{note}"
 
     def generate(prompt: str, max_new_tokens: int = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens),
                  temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K,
@@ -245,15 +247,9 @@ def build_chat_app(engine: Engine, title: str, max_prompt_chars: int = 2000,
                                            cfg.max_new_tokens)
             dropped = len(history) + 1 - len(conversation)
             note = f" (left out the oldest {dropped} messages to fit the context)" if dropped else ""
-            pieces = Timed(engine.chat_stream(conversation, cfg))
-            reply, status = "", "Generating..." + note
-            for piece in pieces:
-                reply += piece
-                yield reply, status
-                status = gr.skip()
+            yield from streamed(Timed(engine.chat_stream(conversation, cfg)), "", note, cfg.seed)
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
-        yield reply, f"{pieces.speed()}, seed {cfg.seed}{note}"
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}")

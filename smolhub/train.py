@@ -567,10 +567,18 @@ def main(model_cls: type[nn.Module], argv: list[str] | None = None) -> dict:
     """The body of every model's trainer.py: flags -> configs -> train."""
     mcfg, cfg = parsed = parse_train_flags(model_cls, argv)
     result = train(model_cls, mcfg, cfg, explicit=parsed.explicit)
+    report_done(result)
+    return result
+
+
+def report_done(result: dict) -> bool:
+    """The end of a run's command: a stop signal becomes its exit (cli.run_main exits 128 + signum),
+    else rank 0 prints the summary line. Returns whether this process is rank 0."""
     if result["stopped_by"] is not None:
         raise Interrupted(result["stopped_by"])
-    if int(os.environ.get("RANK", 0)) == 0:
-        val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
-        print(f"done: step {result['step']}, {result['tokens_seen']:,} tokens, val loss {val}, "
-              f"checkpoints in {result['out_dir']}")
-    return result
+    if int(os.environ.get("RANK", 0)) != 0:
+        return False
+    val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
+    print(f"done: step {result['step']}, {result['tokens_seen']:,} tokens, val loss {val}, "
+          f"checkpoints in {result['out_dir']}")
+    return True

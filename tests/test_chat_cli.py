@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO, SHAKESPEARE, script_env, tiny_model
 from smolhub.errors import UserError
+from test_inference_faults import inference_py
 
 # the second reply depends on the first turn: "Another one?" alone is no question the model has seen
 CONVERSATIONS = [
@@ -88,15 +89,8 @@ def reply(model, conversation: list[dict], max_length: int = 40) -> str:
 
 def chat_in_process(monkeypatch, capsys, stdin: str, *args: str) -> tuple[int, str, str]:
     """`python inference.py --chat ARGS < stdin` in StoryLlama/, run in this process: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(REPO / "StoryLlama")
-    monkeypatch.setattr(sys, "argv", ["inference.py", "--chat", *args])
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        runpy.run_path("inference.py", run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return (code, *capsys.readouterr())
+    return inference_py(monkeypatch, capsys, "--chat", *args)
 
 
 def test_two_turn_chat_through_a_pipe(checkpoint, model):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from smolhub.chat import IM_END, IM_START, ROLES, encode_chat, encode_prompt
+from smolhub.data.loader import DrawnBatches
 from smolhub.data.sources import _format, _local_files, _open_text
 from smolhub.errors import UserError
 from smolhub.objectives import IGNORE_INDEX
@@ -475,64 +476,24 @@ class PreferenceData:
 
 # --- loaders -------------------------------------------------------------------------------------
 
-class _Loader:
-    """Batches of items drawn in an order given by (seed, epoch), as smolhub.data.PackedLoader draws
-    chunks: each step takes the next world_size * batch_size items and rank r keeps its own
-    batch_size of them, and (epoch, position) in `state_dict` resumes exactly."""
+class _Loader(DrawnBatches):
+    """Fine-tuning items (packed rows, preference pairs), drawn as smolhub.data's DrawnBatches draws
+    them; a fine-tuning batch holds whole items, never shorter sequences cut from them."""
 
     def __init__(self, n_items: int, block_size: int, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, what: str):
         if batch_size < 1:
             raise UserError(f"batch size must be positive, not {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         if n_items < world_size * batch_size:
             raise UserError(f"{n_items} {what} are too few for one batch of {world_size} ranks x batch size "
                             f"{batch_size}: use more data or a smaller --batch_size")
-        self.n_items, self.block_size = n_items, block_size
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.position = 0, 0
-        self._order_epoch, self._order = None, None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n_items // (self.world_size * self.batch_size)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
+        super().__init__(n_items, block_size, batch_size, rank, world_size, seed, shuffle)
 
     def _next_indices(self, seq_len: int | None) -> list[int]:
         if seq_len not in (None, self.block_size):
             raise ValueError(f"fine-tuning batches are whole rows of {self.block_size} tokens, not {seq_len}: "
                              f"examples cannot be cut into shorter sequences")
-        step = self.world_size * self.batch_size
-        if self.position + step > self.n_items:
-            self.epoch, self.position = self.epoch + 1, 0
-        if self._order_epoch != self.epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed((self.seed << 32) + self.epoch)
-                self._order = torch.randperm(self.n_items, generator=g)
-            else:
-                self._order = torch.arange(self.n_items)
-            self._order_epoch = self.epoch
-        mine = self.position + self.rank * self.batch_size
-        self.position += step
-        return self._order[mine:mine + self.batch_size].tolist()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "n_items": self.n_items, "block_size": self.block_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["n_items"], state["block_size"]) != (self.n_items, self.block_size):
-            raise UserError(
-                f"the saved data position is for {state['n_items']} items of up to {state['block_size']} "
-                f"tokens, but this data has {self.n_items} of {self.block_size}: resume with the same "
-                f"dataset, tokenizer and block size, or start a new run")
-        self.epoch, self.position = state["epoch"], state["position"]
-        self.seed, self.shuffle = state["seed"], state["shuffle"]
-        self._order_epoch = None
+        return self.next_indices()
 
 
 class SFTLoader(_Loader):

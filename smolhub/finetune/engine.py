@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from smolhub.finetune.lora import (LORA_TARGETS, adapters_disabled, add_adapter,
                                    saved_new_rows, train_new_rows)
 from smolhub.objectives import Objective
 from smolhub.run_dir import RunDir
-from smolhub.runtime import Interrupted, Runtime, autocast, autocast_dtype, on_main_first
-from smolhub.train import Stage, StartingPoint, train
+from smolhub.runtime import Runtime, autocast, autocast_dtype, on_main_first
+from smolhub.train import Stage, StartingPoint, report_done, train
 
 LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_experts")
 DPO_FIELDS = ("dpo_beta", "precompute_ref")
@@ -268,14 +267,7 @@ def main(model_cls: type[nn.Module], argv: list[str] | None = None) -> dict:
     cfg = settle(cfg, fcfg, explicit, model_cls.__name__)
     stage = Finetuning(fcfg, explicit)
     result = train(model_cls, mcfg, cfg, stage.make_objective, explicit, stage)
-    if result["stopped_by"] is not None:
-        raise Interrupted(result["stopped_by"])
-    if int(os.environ.get("RANK", 0)) != 0:
-        return result
-    val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
-    print(f"done: step {result['step']}, {result['tokens_seen']:,} tokens, val loss {val}, checkpoints in "
-          f"{result['out_dir']}")
-    if fcfg.merge == "end":
+    if report_done(result) and fcfg.merge == "end":
         result["merged"] = str(merge_checkpoint(result["out_dir"], "", overwrite=True))
         print(f"merged into {result['merged']}")
     return result
