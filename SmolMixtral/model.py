@@ -27,7 +27,7 @@ class Block(nn.Module):
         experts = GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden)
         self.moe = MoEFeedForward(router, experts, config.capacity_factor, config.dropout)
 
-    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int = 0,
+    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
                 documents: DocumentMask | None = None):
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.moe(self.ffn_norm(x))
@@ -47,7 +47,7 @@ class SmolMixtral(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0,
+                kv_cache: list[KVCache] | None = None, start_pos: int | torch.Tensor = 0,
                 document_ids: torch.Tensor | None = None):
         documents = document_mask(document_ids, kv_cache)
         x = self.residual_stream(self.tok_emb(idx))

@@ -26,7 +26,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = GeluMLP(config.n_embd, config.ffn_hidden, dropout=config.dropout)
 
-    def forward(self, x, kv_cache: KVCache | None = None, start_pos: int = 0, documents: DocumentMask | None = None):
+    def forward(self, x, kv_cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
+                documents: DocumentMask | None = None):
         x = x + self.attn(self.attn_norm(x), None, kv_cache, start_pos, documents)
         x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -47,7 +48,7 @@ class SmolTransformer(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0,
+                kv_cache: list[KVCache] | None = None, start_pos: int | torch.Tensor = 0,
                 document_ids: torch.Tensor | None = None):
         documents = document_mask(document_ids, kv_cache)
         pos = self.pos_emb(start_pos, idx.size(1)) if documents is None else self.pos_emb.at(documents.positions)

@@ -26,12 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smolhub.layers import DocumentMask, RMSNorm, apply_rotary, attend, causal_mask
+from smolhub.layers import (DocumentMask, RMSNorm, apply_rotary, attend, causal_mask, per_row, token_positions,
+                            write_rows)
 from StoryKimi.config import StoryKimiConfig
 
 
 class MLACache:
-    """Per layer: the normed kv latents (B, max_len, kv_lora_rank) and rotated shared keys (B, max_len, rope)."""
+    """Per layer: the normed kv latents (B, max_len, kv_lora_rank) and rotated shared keys (B, max_len, rope).
+
+    Those two tensors (vars(cache), batch first) are the whole state, as for smolhub's KVCache."""
 
     static_positions = True  # takes start_pos as a device tensor: CUDA-graph decoding can use it
 
@@ -47,7 +50,13 @@ class MLACache:
     def update(self, latent: torch.Tensor, k_rope: torch.Tensor,
                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store positions [start_pos, start_pos + T) and return everything cached so far (the whole
-        buffer when start_pos is a tensor: `attend` then masks the positions not yet written)."""
+        buffer when start_pos is a tensor: `attend` then masks the positions not yet written). A (B,)
+        start_pos writes each row at its own positions."""
+        if per_row(start_pos):
+            positions = token_positions(start_pos, latent.size(1), latent.device)
+            write_rows(self.latent, 1, positions, latent)
+            write_rows(self.k_rope, 1, positions, k_rope)
+            return self.latent, self.k_rope
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos + torch.arange(latent.size(1), device=latent.device)
             # in the cache's dtype, as the slice assignment below stores (autocast makes these bf16)
@@ -92,7 +101,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.wq_b.weight if hasattr(self, "wq_b") else self.wq.weight
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: MLACache | None = None, start_pos: int = 0,
+                kv_cache: MLACache | None = None, start_pos: int | torch.Tensor = 0,
                 documents: DocumentMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_b") else self.wq(x)
@@ -127,7 +136,7 @@ class MultiHeadLatentAttention(nn.Module):
                    documents=documents)
         return y[..., :self.v_dim]
 
-    def attend_absorbed(self, q_nope, q_rope, latent, k_rope, start_pos: int) -> torch.Tensor:
+    def attend_absorbed(self, q_nope, q_rope, latent, k_rope, start_pos: int | torch.Tensor) -> torch.Tensor:
         """Attention straight over the cached latents: q_nope.k_nope = (W_uk^T q_nope).c, and W_uv applied after."""
         w = self.wkv_b.weight.view(self.n_head, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # (H, nope, rank), (H, v, rank)

@@ -57,7 +57,7 @@ class StoryKimiConfig(ModelConfig):
 # is one pass over TinyStories (~470M GPT-2 tokens, ~2.1M stories) and a little more: 4,000 steps of
 # 131,072 tokens (524M), warmup 2.5% of the steps, cosine to lr/10, the micro-batch that fits the GPU.
 TRAIN_DEFAULTS = dict(dataset="tinystories", tokenizer="bpe", optimizer="muon", tokens_per_step=131072, max_steps=4000,
-                      warmup_steps=100, lr=1e-3, min_lr=1e-4, schedule="cosine", batch_size="auto")
+                      warmup_steps=100, lr=2e-3, min_lr=2e-4, schedule="cosine", batch_size="auto")
 
 # Presets set model and training fields together; flags given on the command line win.
 PRESETS = {

@@ -27,7 +27,7 @@ class Block(nn.Module):
         self.ffn = (SwiGLU(config.n_embd, config.ffn_hidden, dropout=config.dropout) if layer < config.first_k_dense
                     else DeepSeekMoE(config))
 
-    def forward(self, x, rope, kv_cache: MLACache | None = None, start_pos: int = 0,
+    def forward(self, x, rope, kv_cache: MLACache | None = None, start_pos: int | torch.Tensor = 0,
                 documents: DocumentMask | None = None):
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.ffn(self.ffn_norm(x))
@@ -47,7 +47,7 @@ class StoryKimi(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[MLACache] | None = None, start_pos: int = 0,
+                kv_cache: list[MLACache] | None = None, start_pos: int | torch.Tensor = 0,
                 document_ids: torch.Tensor | None = None):
         documents = document_mask(document_ids, kv_cache)
         x = self.residual_stream(self.tok_emb(idx))

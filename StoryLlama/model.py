@@ -21,7 +21,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.ffn = SwiGLU(config.n_embd, config.ffn_hidden, dropout=config.dropout)
 
-    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int = 0,
+    def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
                 documents: DocumentMask | None = None):
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.ffn(self.ffn_norm(x))
@@ -41,7 +41,7 @@ class StoryLlama(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0,
+                kv_cache: list[KVCache] | None = None, start_pos: int | torch.Tensor = 0,
                 document_ids: torch.Tensor | None = None):
         documents = document_mask(document_ids, kv_cache)
         x = self.residual_stream(self.tok_emb(idx))

@@ -28,8 +28,8 @@ class Block(nn.Module):
                                   GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden),
                                   config.capacity_factor, config.dropout)
 
-    def forward(self, x, rope, kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int = 0,
-                documents: DocumentMask | None = None):
+    def forward(self, x, rope, kv_cache: KVCache | SlidingWindowKVCache | None = None,
+                start_pos: int | torch.Tensor = 0, documents: DocumentMask | None = None):
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, documents)
         x = x + self.moe(self.ffn_norm(x))
         return x
@@ -48,7 +48,7 @@ class StoryMixtral(CausalLM):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[KVCache | SlidingWindowKVCache] | None = None, start_pos: int = 0,
+                kv_cache: list[KVCache | SlidingWindowKVCache] | None = None, start_pos: int | torch.Tensor = 0,
                 document_ids: torch.Tensor | None = None):
         documents = document_mask(document_ids, kv_cache, self.config.sliding_window or None)
         x = self.residual_stream(self.tok_emb(idx))

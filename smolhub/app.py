@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import gradio as gr
 
@@ -33,6 +33,7 @@ from smolhub.config import option
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig, TextStream, check_unicode
 from smolhub.inference import check_architecture, load_model
+from smolhub.quantize import QUANTIZE_CHOICES
 
 EXAMPLES = ("Once upon a time", "One day, a little girl named Lily found",
             "The dragon looked at the knight and said")
@@ -336,6 +337,8 @@ class ServeArgs:
     concurrency: int = option(1, "Requests generated at once; the rest wait in the queue.")
     compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s; the first request of each batch "
                            "size waits ~20 s for the compiler).")
+    quantize: Literal[QUANTIZE_CHOICES] = option("none", "Weights in fewer bits through torchao: int8, int8-dynamic "
+                                                 "(int8 activations too) or int4; the output head is int8.")
 
     def __post_init__(self) -> None:
         for name in ["max_new_tokens_limit", "max_prompt_chars", "concurrency"]:
@@ -359,7 +362,7 @@ def main(architecture: str, argv: list[str] | None = None) -> None:
                            "(a chat with a /chat API for a checkpoint fine-tuned to chat).")
     if not ckpt.checkpoint:
         raise UserError("--checkpoint is required (a checkpoint folder, a run's out_dir or a Hub repo id)")
-    engine = load_model(ckpt.checkpoint, args.device, compile=args.compile)
+    engine = load_model(ckpt.checkpoint, args.device, compile=args.compile, quantize=args.quantize)
     check_architecture(engine, architecture, ckpt.checkpoint, "gradio/app.py")
     print(f"{architecture} from {engine.path} on {next(engine.model.parameters()).device}", file=sys.stderr)
     build = build_chat_app if has_chat_format(engine.tokenizer) else build_app
@@ -382,7 +385,7 @@ def cli(argv: list[str] | None = None) -> None:
     if len(compare.checkpoints) < 2:
         raise UserError("--checkpoints needs at least two checkpoints to compare, e.g. "
                         "--checkpoints StoryLlama/out/StoryLlama StoryMixtral/out/StoryMixtral")
-    engines = [load_model(c, args.device, compile=args.compile) for c in compare.checkpoints]
+    engines = [load_model(c, args.device, compile=args.compile, quantize=args.quantize) for c in compare.checkpoints]
     serve(build_compare_app(engines, args.max_prompt_chars, args.max_new_tokens_limit), args)
 
 

@@ -144,3 +144,9 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 def end_of_turn_id(tokenizer) -> int | None:
     """The id that ends a reply (<|im_end|>), or None for a tokenizer without the chat format."""
     return _added_id(tokenizer, IM_END) if has_chat_format(tokenizer) else None
+
+
+def reply_stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids a reply stops at: the end of its turn, and the start of a turn, which a reply that
+    forgot to end its own (a briefly fine-tuned model's) would otherwise print before the next one."""
+    return (_added_id(tokenizer, IM_END), _added_id(tokenizer, IM_START)) if has_chat_format(tokenizer) else ()

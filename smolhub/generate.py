@@ -343,7 +343,7 @@ class Engine:
             raise UserError("this checkpoint has no chat template: fine-tune it with finetune.py first, "
                             "or give it a text prompt to continue")
         ids = chat.encode_prompt(self.tokenizer, self.fit_chat(messages, cfg.max_new_tokens))
-        return self._stream(ids, cfg, (chat.end_of_turn_id(self.tokenizer),))
+        return self._stream(ids, cfg, chat.reply_stop_ids(self.tokenizer))
 
     def _stream(self, ids: list[int], cfg: SamplingConfig, stop_ids: Collection[int]) -> TextStream:
         device = next(self.model.parameters()).device

@@ -16,6 +16,7 @@ from smolhub.cli import parse_cli
 from smolhub.config import option
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig
+from smolhub.quantize import QUANTIZE_CHOICES, check_quantize, quantize_model
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -26,7 +27,8 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> Engine:
+def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
+               quantize: str = "none") -> Engine:
     """Load a checkpoint folder, a run's out_dir (its newest checkpoint) or a Hub repo id for inference.
     Any of the five architectures loads, whichever model folder the call comes from.
 
@@ -34,14 +36,18 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     training record (`.meta`) and folder (`.path`), so `generate_text(model=model, prompt=...)` needs
     nothing else. compile=True (CUDA) compiles the decode step before capturing it: about twice the
     tokens/s, after ~20 s of compiling in the first generation of each batch size. Worth it for a
-    server, not for one generation."""
+    server, not for one generation. quantize ("int8", "int8-dynamic", "int4"; smolhub.quantize) stores
+    the weights in fewer bits through torchao, after the model is on its device and in its dtype; a
+    setting this device cannot run is refused before the checkpoint is read."""
     dev = pick_device(device)
     if compile and dev.type != "cuda":
         raise UserError("--compile speeds up CUDA-graph decoding, which needs a CUDA device; drop it on CPU")
-    loaded = load_checkpoint(path, dev)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    check_quantize(quantize, dev, getattr(torch, dtype))
+    loaded = load_checkpoint(path, dev)
     loaded.model.to(getattr(torch, dtype))
+    quantize_model(loaded.model, quantize)
     return Engine(loaded.model, loaded.tokenizer, compile, loaded.meta, loaded.path)
 
 
@@ -96,6 +102,8 @@ class InferenceArgs:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", "Weights dtype; auto = bf16 on CUDA.")
     compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s after ~20 s of compiling; for long "
                            "or many generations).")
+    quantize: Literal[QUANTIZE_CHOICES] = option("none", "Weights in fewer bits through torchao: int8, int8-dynamic "
+                                                 "(int8 activations too) or int4; the output head is int8.")
     chat: bool = option(False, "Talk to a checkpoint fine-tuned to chat: each line of stdin is a user turn (until "
                         "EOF), each reply streams, ending at the end of its turn; the oldest turns are left out "
                         "when the conversation would not fit the context with --max_new_tokens.")
@@ -163,7 +171,7 @@ def main(architecture: str, argv: list[str] | None = None, prog: str = "inferenc
         prompts = [args.prompt]
     if args.stream and len(prompts) > 1:
         raise UserError("--stream works with a single prompt; drop --prompts_file or --stream")
-    engine = load_model(args.checkpoint, args.device, args.dtype, args.compile)
+    engine = load_model(args.checkpoint, args.device, args.dtype, args.compile, args.quantize)
     check_architecture(engine, architecture, args.checkpoint, "inference.py")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,

@@ -2,6 +2,13 @@
 
 A model subclasses `CausalLM`, builds its layers in __init__ (calling `init_weights()` last) and
 writes its own forward, ending in `self.logits_and_loss(x, targets)`.
+
+A forward with a KV cache takes `start_pos`, the position of the first token of idx (B, T): an int,
+a 0-d long tensor (a CUDA-graph decode step), or a (B,) long tensor, row b's tokens at positions
+start_pos[b] .. start_pos[b] + T - 1. The last lets a server decode requests of different lengths
+as one batch (continuous batching): each row attends to its own cache row up to its own position,
+so its logits are those of its tokens decoded alone. Positions stay below the cache's max_len and
+the model's block_size.
 """
 from __future__ import annotations
 
@@ -29,6 +36,17 @@ def model_class(architecture: str) -> type["CausalLM"]:
     except ModuleNotFoundError as e:
         raise UserError(f"cannot import {architecture}.model ({e}); run `pip install -e .` in the repo root")
     return getattr(module, architecture)
+
+
+def copy_cache_row(cache: list, row: int, source: list, source_row: int = 0) -> None:
+    """Make row `row` of a cache (model.make_kv_cache, one object per layer) hold what row `source_row`
+    of another cache of the same model and max_len holds: a request prefilled alone joins a batch.
+
+    A cache's state is exactly the tensors in vars(cache), batch first, so copying each is the whole
+    transfer; whatever the rows hold past the request's positions (an earlier request's keys) is masked."""
+    for layer, src in zip(cache, source, strict=True):
+        for name, tensor in vars(layer).items():
+            tensor[row].copy_(getattr(src, name)[source_row])
 
 
 class CausalLM(nn.Module):

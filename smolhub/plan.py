@@ -6,9 +6,11 @@ memory among the divisors of the sequences each process trains per step, so that
 accumulation makes up --tokens_per_step exactly. It is found once at start, by trial steps of a copy
 of the run's model (the copy, because MoE layers count the tokens they route):
 - CUDA: a forward and backward under the run's autocast, eager; its peak is
-  torch.cuda.max_memory_allocated, and it fits within 90% of the memory this process can have on
-  the card (what it holds plus what is free); a trial that runs out of memory does not fit. The run
-  itself compiles, which keeps fewer activations than eager, and the 10% covers the CUDA graphs' pool.
+  torch.cuda.max_memory_allocated, and it fits within 75% of the memory this process can have on
+  the card (what it holds plus what is free); a trial that runs out of memory does not fit. The 25%
+  covers what one trial step does not show: the caching allocator's fragmentation over many steps
+  (an eager SmolTransformer run on an H100 whose trial peaked at 69.4 of 70.8 GiB ran out of memory
+  in its first step, 12.6 GiB reserved but unallocated) and the CUDA graphs' pool.
 - CPU: the same search within half of the machine's RAM, a trial's bytes counted rather than taken
   from the allocator: the weights, their gradients, and every tensor the forward keeps for backward
   (saved_tensors_hooks). The count depends only on the model and the shapes, so the pick is the same
@@ -32,7 +34,7 @@ from smolhub.errors import UserError
 from smolhub.runtime import Runtime, autocast, max_over_ranks
 
 GiB = 2**30
-CUDA_HEADROOM = 0.9  # of the memory this process can have on the card
+CUDA_HEADROOM = 0.75  # of the memory this process can have on the card
 CPU_SHARE = 0.5  # of the machine's RAM
 FEW_EPOCHS, MANY_EPOCHS = 0.1, 20  # outside these a run says what to change
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from smolhub.cli import Command, parse_command
 from smolhub.config import option
@@ -11,6 +12,7 @@ EPILOG = """examples:
   python -m smolhub_hub push out/StoryLlama yourname/StoryLlama --private
   python -m smolhub_hub pull yourname/StoryLlama checkpoints/StoryLlama
   python -m smolhub_hub export out/StoryLlama StoryLlama-hf     # AutoModelForCausalLM.from_pretrained("StoryLlama-hf")
+  python -m smolhub_hub export out/StoryLlama StoryLlama-gguf --format gguf --dtype q8_0   # llama.cpp
   python -m smolhub_hub import StoryLlama-hf checkpoints/from-hf
 """
 
@@ -46,6 +48,11 @@ class PullArgs:
 class ExportArgs:
     checkpoint: str = _argument("Checkpoint folder, a run's out_dir or a Hub repo id.")
     out_dir: str = _argument("New folder to write.")
+    format: Literal["transformers", "gguf"] = option(
+        "transformers", "transformers: a model folder for AutoModelForCausalLM; gguf: one .gguf file for llama.cpp "
+        "(StoryLlama, StoryMixtral, StoryKimi).")
+    dtype: Literal["auto", "f32", "f16", "bf16", "q8_0"] = option(
+        "auto", "Weight type of --format gguf (auto = f16); norms and routers stay f32.")
 
 
 @dataclass
@@ -66,7 +73,9 @@ COMMANDS = {
                       description="Write CHECKPOINT as a transformers model folder: StoryLlama -> LlamaForCausalLM, "
                       "StoryMixtral -> MixtralForCausalLM, StoryKimi -> DeepseekV3ForCausalLM; SmolTransformer and "
                       "SmolMixtral carry their own modelling code (load with trust_remote_code=True). The export's "
-                      "logits are checked against the checkpoint's before the folder appears."),
+                      "logits are checked against the checkpoint's before the folder appears. --format gguf writes "
+                      "one GGUF file for llama.cpp instead (StoryLlama and StoryMixtral as llama, StoryKimi as "
+                      "deepseek2)."),
     "import": Command((ImportArgs,), help="Turn an exported folder back into a SmolHub checkpoint.",
                       description="Read a folder written by `export` (weights, config, tokenizer) and write a SmolHub "
                       "checkpoint folder, for inference.py --checkpoint or trainer.py --init_from."),
@@ -104,6 +113,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"generate:  python {arch}/inference.py --checkpoint {folder}")
         print(f"fine-tune: python {arch}/trainer.py --init_from {folder}")
     elif command == "export":
+        if args.format == "gguf":
+            from smolhub_hub.gguf import DEFAULT_DTYPE, export_gguf
+
+            done = export_gguf(args.checkpoint, args.out_dir, DEFAULT_DTYPE if args.dtype == "auto" else args.dtype)
+            print(f"exported {args.checkpoint} -> {done.path} (llama.cpp {done.arch}, {done.dtype}): {done.exact}")
+            return
+        if args.dtype != "auto":
+            raise UserError("--dtype sets the weight type of --format gguf; a transformers export keeps the "
+                            "checkpoint's weights")
         from smolhub_hub.export import export_checkpoint
 
         folder = export_checkpoint(args.checkpoint, args.out_dir)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import GPT2_DIR, tiny_model
 from smolhub.chat import (CHAT_TEMPLATE, IM_END, IM_START, add_chat_format, encode_chat, encode_prompt,
-                          end_of_turn_id, fit_embeddings, has_chat_format)
+                          end_of_turn_id, fit_embeddings, has_chat_format, reply_stop_ids)
 from smolhub.checkpoint import load_checkpoint, save_checkpoint
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig
@@ -60,13 +60,13 @@ def test_special_tokens_are_single_ids_added_once(kind, bpe_base, gpt2_base):
     base = bpe_base if kind == "bpe" else gpt2_base
     tok = copy.deepcopy(base)
     n = len(tok)
-    assert not has_chat_format(tok) and end_of_turn_id(tok) is None
+    assert not has_chat_format(tok) and end_of_turn_id(tok) is None and reply_stop_ids(tok) == ()
     with pytest.raises(UserError, match="no chat format"):
         encode_prompt(tok, CONVERSATION[:2])
     assert add_chat_format(tok) is tok
     start, end = tok.convert_tokens_to_ids([IM_START, IM_END])
     assert (len(tok), start, end) == (n + 2, n, n + 1)
-    assert has_chat_format(tok) and end_of_turn_id(tok) == end
+    assert has_chat_format(tok) and end_of_turn_id(tok) == end and reply_stop_ids(tok) == (end, start)
     # never split, whatever text surrounds them; dropped by decode(skip_special_tokens=True)
     ids = tok.encode(f"x{IM_START}user\nhi{IM_END}\ny", add_special_tokens=False)
     assert ids.count(start) == 1 and ids.count(end) == 1

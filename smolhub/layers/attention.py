@@ -5,13 +5,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smolhub.layers.masks import DocumentMask
-from smolhub.layers.positions import apply_rotary, rotary_qkv
+from smolhub.layers.positions import apply_rotary, per_row, rotary_qkv, token_positions
+
+
+def write_rows(buffer: torch.Tensor, dim: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer[b, .., positions[b, t], ..] = values[b, .., t, ..] along `dim`: every row of a batch
+    written at its own positions (B, T), by one scatter (no per-row loop, nothing read back to the host)."""
+    if positions.size(0) != values.size(0):
+        raise ValueError(f"start_pos holds {positions.size(0)} positions for a batch of {values.size(0)} rows")
+    shape = [1] * values.dim()
+    shape[0], shape[dim] = positions.shape
+    buffer.scatter_(dim, positions.view(shape).expand_as(values), values.to(buffer.dtype))
 
 
 class KVCache:
     """Preallocated keys and values of one layer, (batch, n_kv_heads, max_len, head_dim).
 
-    Preallocation keeps decoding free of reallocations (and its shapes static)."""
+    Preallocation keeps decoding free of reallocations (and its shapes static). The tensors in
+    vars(cache), batch first, are the whole state: row r of one cache can be filled from a row of
+    another with the same max_len by copying each (a request prefilled alone joins a running batch)."""
 
     static_positions = True  # takes start_pos as a device tensor: CUDA-graph decoding can use it
 
@@ -29,7 +41,13 @@ class KVCache:
         """Store k/v for positions [start_pos, start_pos + T) and return all keys/values so far.
 
         With start_pos a device tensor (compiled CUDA-graph decoding, where shapes must not change)
-        the whole buffer is returned and `attend` masks the positions not yet written."""
+        the whole buffer is returned and `attend` masks the positions not yet written. A (B,) start_pos
+        writes each row at its own positions; what a row holds beyond them is masked too."""
+        if per_row(start_pos):
+            positions = token_positions(start_pos, k.size(2), k.device)
+            write_rows(self.k, 2, positions, k)
+            write_rows(self.v, 2, positions, v)
+            return self.k, self.v
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos + torch.arange(k.size(2), device=k.device)
             # in the cache's dtype, as the slice assignment below stores (autocast makes k/v bf16)
@@ -52,6 +70,7 @@ class SlidingWindowKVCache(KVCache):
     s holds the newest position congruent to s: `key_positions` derives every key's position from
     start_pos alone, with no position state to mutate (which keeps decode steps CUDA-graph friendly).
     Keys are cached after RoPE, at their absolute positions, so their order in the buffer does not matter.
+    With a (B,) start_pos each row is a ring of its own, at its own position.
     """
 
     @property
@@ -64,6 +83,16 @@ class SlidingWindowKVCache(KVCache):
 
         One token at a time (decoding) keeps every shape static, start_pos a device tensor included."""
         T = k.size(2)
+        if per_row(start_pos):
+            if T == 1:  # the overwritten slot held start_pos - window, out of the query's reach
+                keys, values = self.k, self.v
+            else:  # as for a chunk below: the old ring and the chunk together
+                keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+            keep = min(T, self.window)
+            slots = token_positions(start_pos, T, k.device)[:, T - keep:] % self.window
+            write_rows(self.k, 2, slots, k[:, :, T - keep:])
+            write_rows(self.v, 2, slots, v[:, :, T - keep:])
+            return keys, values
         if T == 1:  # the overwritten slot held start_pos - window, outside the query's window
             slot = torch.as_tensor(start_pos, device=self.k.device).view(1) % self.window
             self.k.index_copy_(2, slot, k.to(self.k.dtype))
@@ -78,26 +107,37 @@ class SlidingWindowKVCache(KVCache):
         return keys, values
 
     def key_positions(self, start_pos: int | torch.Tensor, q_len: int) -> torch.Tensor:
-        """Absolute position of each key `update` returned for these queries; negative = an empty slot."""
+        """Absolute position of each key `update` returned for these queries, (S,) or per row (B, S)
+        for a (B,) start_pos; negative = an empty slot."""
         slots = torch.arange(self.window, device=self.k.device)
+        pos = start_pos[:, None] if per_row(start_pos) else start_pos
         if q_len == 1:  # the ring right after writing start_pos
-            return start_pos - (start_pos - slots) % self.window
-        last = start_pos - 1  # the ring before the chunk, then the chunk
-        return torch.cat([last - (last - slots) % self.window, start_pos + torch.arange(q_len, device=slots.device)])
+            return pos - (pos - slots) % self.window
+        last = pos - 1  # the ring before the chunk, then the chunk
+        chunk = token_positions(start_pos, q_len, slots.device)
+        return torch.cat([last - (last - slots) % self.window, chunk], dim=-1)
 
 
 def causal_mask(q_len: int, k_len: int, start_pos: int | torch.Tensor, device) -> torch.Tensor:
-    """Boolean (q_len, k_len) mask, True where query at start_pos + i may see key j (j <= start_pos + i)."""
-    q_pos = (start_pos + torch.arange(q_len, device=device))[:, None]
-    return torch.arange(k_len, device=device)[None, :] <= q_pos
+    """Boolean (q_len, k_len) mask, True where query at start_pos + i may see key j (j <= start_pos + i).
+
+    A (B,) start_pos gives every row its own mask, (B, 1, q_len, k_len): one per row, broadcast over heads."""
+    q_pos = token_positions(start_pos, q_len, device)[..., None]
+    visible = torch.arange(k_len, device=device) <= q_pos
+    return visible[:, None] if per_row(start_pos) else visible
 
 
 def window_mask(q_len: int, start_pos: int | torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (q_len, len(key_pos)) mask: query at position p sees key at position s iff
-    0 <= s <= p and p - s < window (the window counts the query itself)."""
-    q_pos = (start_pos + torch.arange(q_len, device=key_pos.device))[:, None]
+    """Boolean (q_len, S) mask for keys at positions key_pos (S,): query at position p sees key at
+    position s iff 0 <= s <= p and p - s < window (the window counts the query itself).
+
+    A (B,) start_pos gives every row its own mask, (B, 1, q_len, S), with key_pos (S,) or per row (B, S)."""
+    q_pos = token_positions(start_pos, q_len, key_pos.device)[..., None]
+    key_pos = key_pos.unsqueeze(-2)
     visible = (key_pos >= 0) & (key_pos <= q_pos)
-    return visible if window is None else visible & (q_pos - key_pos < window)
+    if window is not None:
+        visible = visible & (q_pos - key_pos < window)
+    return visible[:, None] if per_row(start_pos) else visible
 
 
 _block_masks: dict = {}
@@ -144,7 +184,8 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visib
     kernel walks the keys serially (a quarter slower decoding), and cuDNN costs ~2 s of set-up and
     planning at its first use in a process. Here it is two small batched matmuls and a softmax.
     The query heads that share a key/value head (GQA/MQA) are stacked as rows of one matmul, so the
-    cache is never repeated per head."""
+    cache is never repeated per head. `visible` broadcasts against the scores (B, n_kv, H/n_kv, S):
+    (1, S) for every row alike, (B, 1, 1, S) for one mask per row."""
     B, H, _, D = q.shape
     n_kv = k.size(1)
     q = q.reshape(B, n_kv, H // n_kv, D) * (scale if scale is not None else D ** -0.5)
@@ -153,7 +194,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visib
     return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, 1, v.size(-1))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, dropout_p: float = 0.0,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor, dropout_p: float = 0.0,
            scale: float | None = None, window: int | None = None,
            key_pos: torch.Tensor | None = None, documents: DocumentMask | None = None) -> torch.Tensor:
     """Causal SDPA for queries at positions start_pos.. over keys at positions 0.. (or `key_pos`).
@@ -165,6 +206,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, dr
     itself: FlexAttention trains it on CUDA, a boolean mask on CPU (FlexAttention has no CPU
     backward) and in decoding. With `documents` (a packed row, no cache) a query sees only its own
     document, within the window the mask was built with: its BlockMask or its boolean mask.
+    A (B,) start_pos (rows at different positions, over the whole cache buffer) masks each row alone.
     """
     q_len, k_len = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
@@ -225,7 +267,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int = 0,
+                kv_cache: KVCache | SlidingWindowKVCache | None = None, start_pos: int | torch.Tensor = 0,
                 documents: DocumentMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x)
@@ -240,8 +282,8 @@ class CausalSelfAttention(nn.Module):
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
             if rope is not None:  # rotated in the projection's (B, T, H, D) layout: no transposed reads
-                cos, sin = rope
-                q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
+                cos, sin = (t.unsqueeze(-2) for t in rope)  # (T, 1, D), or (B, T, 1, D) per row
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)

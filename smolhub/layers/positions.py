@@ -7,6 +7,24 @@ import torch.nn as nn
 from smolhub.kernels import triton_available
 
 
+def token_positions(start_pos: int | torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """Positions of `seq_len` tokens from start_pos: (seq_len,) for an int or a 0-d tensor; (B, seq_len)
+    for a (B,) tensor, row b's tokens at start_pos[b] .. start_pos[b] + seq_len - 1 (rows of a batch
+    decoded together, each at its own position)."""
+    offsets = torch.arange(seq_len, device=device)
+    if not isinstance(start_pos, torch.Tensor) or start_pos.dim() == 0:
+        return start_pos + offsets
+    if start_pos.dim() != 1:
+        raise ValueError(f"start_pos must be an int, a 0-d tensor or one position per row (B,), "
+                         f"got shape {tuple(start_pos.shape)}")
+    return start_pos[:, None] + offsets
+
+
+def per_row(start_pos: int | torch.Tensor) -> bool:
+    """Whether start_pos gives each row of the batch its own position (a (B,) tensor)."""
+    return isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al., 2021) in the rotate-half layout that HF Llama/Mixtral use.
 
@@ -25,8 +43,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, start_pos: int | torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (T, D), or (B, T, D) for per-row positions (a (B,) start_pos)."""
         if isinstance(start_pos, torch.Tensor):  # compiled decoding: a gather keeps the shapes static
-            positions = start_pos + torch.arange(seq_len, device=self.cos.device)
+            positions = token_positions(start_pos, seq_len, self.cos.device)  # (T,), or (B, T) per row
             return self.cos[positions], self.sin[positions]
         if start_pos + seq_len > self.cos.size(0):
             raise ValueError(f"positions up to {start_pos + seq_len} exceed the RoPE table ({self.cos.size(0)})")
@@ -145,11 +164,11 @@ class LearnedPositionalEmbedding(nn.Embedding):
         super().__init__(max_seq_len, dim)
 
     def forward(self, start_pos: int | torch.Tensor, seq_len: int) -> torch.Tensor:
+        """(T, dim), or (B, T, dim) for per-row positions (a (B,) start_pos)."""
         if not isinstance(start_pos, torch.Tensor) and start_pos + seq_len > self.num_embeddings:
             raise ValueError(f"sequence reaches position {start_pos + seq_len}, beyond the "
                              f"{self.num_embeddings} learned positions (the context length)")
-        pos = start_pos + torch.arange(seq_len, device=self.weight.device)
-        return super().forward(pos)
+        return super().forward(token_positions(start_pos, seq_len, self.weight.device))
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) for per-token positions (B, T): documents packed in a row restart at 0."""
@@ -170,8 +189,9 @@ class SinusoidalPositionalEmbedding(nn.Module):
         self.register_buffer("table", table.float(), persistent=False)
 
     def forward(self, start_pos: int | torch.Tensor, seq_len: int) -> torch.Tensor:
+        """(T, dim), or (B, T, dim) for per-row positions (a (B,) start_pos)."""
         if isinstance(start_pos, torch.Tensor):  # compiled decoding: a gather keeps the shapes static
-            return self.table[start_pos + torch.arange(seq_len, device=self.table.device)]
+            return self.table[token_positions(start_pos, seq_len, self.table.device)]
         if start_pos + seq_len > self.table.size(0):
             raise ValueError(f"sequence reaches position {start_pos + seq_len}, beyond the "
                              f"{self.table.size(0)} positions (the context length)")
