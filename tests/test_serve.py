@@ -207,3 +207,18 @@ def test_python_m_smolhub_serve_serves_a_checkpoint(plain_checkpoint, tmp_path):
                              cwd=REPO, env=script_env(tmp_path), capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "not found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_an_moe_that_drops_tokens_over_capacity_is_served_one_request_at_a_time():
+    """Capacity is shared by every token of a step, so batching would couple the requests' replies."""
+    from conftest import GPT2_DIR, tiny_model
+    from transformers import GPT2TokenizerFast
+
+    from smolhub.errors import UserError
+    from smolhub.generate import Engine
+    from smolhub.serve.batching import Scheduler
+
+    engine = Engine(tiny_model("SmolMixtral", capacity_factor=1.25), GPT2TokenizerFast.from_pretrained(GPT2_DIR))
+    with pytest.raises(UserError, match=r"capacity_factor 1.25.*serve it with --max_batch 1$"):
+        Scheduler(engine, emit=lambda events: None, max_batch=4)
+    assert Scheduler(engine, emit=lambda events: None, max_batch=1).max_batch == 1

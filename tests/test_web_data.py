@@ -43,7 +43,11 @@ def tokens(prepared, which: str) -> list[int]:
 
 
 def prepare_in_subprocess(corpus_path: Path, cache: Path, num_proc: int, log: Path) -> subprocess.Popen:
-    code = (f"from smolhub.data import prepare_dataset; from smolhub.tokenizer import gpt2_tokenizer; "
+    # Ctrl-C as a terminal delivers it: a signal mask or ignored SIGINT the test process picked up from the
+    # libraries of earlier tests would pass to the child and keep the interrupt from arriving
+    code = ("import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"from smolhub.data import prepare_dataset; from smolhub.tokenizer import gpt2_tokenizer; "
             f"prepare_dataset({str(corpus_path)!r}, gpt2_tokenizer({str(GPT2_DIR)!r}), {str(cache)!r}, "
             f"val_fraction=0.05, block_size=64, shard_tokens={SHARD}, num_proc={num_proc})")
     with open(log, "w") as f:  # a file, not a pipe nobody reads while the test waits

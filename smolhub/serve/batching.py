@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import sdpa_kernel
 
+from smolhub.errors import UserError
 from smolhub.generate import GENERATION_ATTENTION, Engine
 from smolhub.modeling import copy_cache_row
 
@@ -116,6 +117,10 @@ class Scheduler:
     `max_batch_seen` is the most requests one decode step has carried."""
 
     def __init__(self, engine: Engine, emit: Callable[[list[Event]], None], max_batch: int = 64):
+        capacity = getattr(engine.model.config, "capacity_factor", 0)
+        if capacity > 0 and max_batch > 1:
+            raise UserError(f"this checkpoint drops tokens over an expert's capacity (capacity_factor {capacity}), so "
+                            "a request's reply would depend on the requests decoded with it: serve it with --max_batch 1")
         self.engine = engine
         self.emit = emit
         self.max_batch = max_batch
