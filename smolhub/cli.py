@@ -36,6 +36,7 @@ class Command:
     description: str = ""  # the command's --help text, when longer than `help`
     presets: dict[str, dict] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
+    helps: dict[str, str] = field(default_factory=dict)  # a field's help where this command uses it otherwise
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,9 +117,10 @@ FOREIGN_FLAGS: dict[str, tuple[str, str]] = {
 
 
 def parse_cli(dataclass_types: tuple[type, ...], presets: dict[str, dict] | None, argv: list[str] | None,
-              defaults: dict | None = None, prog: str | None = None, description: str | None = None) -> Parsed:
-    """Parse argv into one instance of each dataclass."""
-    command = Command(tuple(dataclass_types), presets=presets or {}, defaults=defaults or {})
+              defaults: dict | None = None, prog: str | None = None, description: str | None = None,
+              helps: dict[str, str] | None = None) -> Parsed:
+    """Parse argv into one instance of each dataclass; `helps` replaces fields' help texts."""
+    command = Command(tuple(dataclass_types), presets=presets or {}, defaults=defaults or {}, helps=helps or {})
     parser = Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     return _parse(parser, {None: (parser, command, _add_arguments(parser, command))}, argv)[1]
 
@@ -143,7 +145,7 @@ def _add_arguments(parser: argparse.ArgumentParser, command: Command) -> dict[st
     for dtype in command.args:
         hints = typing.get_type_hints(dtype)
         for f in dataclasses.fields(dtype):
-            flags.update(dict.fromkeys(_add_field(parser, f, hints[f.name]), f.name))
+            flags.update(dict.fromkeys(_add_field(parser, f, hints[f.name], command.helps.get(f.name)), f.name))
     if command.presets:
         parser.add_argument("--preset", help=f"Named set of defaults: {', '.join(sorted(command.presets))}.")
         flags["--preset"] = None
@@ -152,9 +154,11 @@ def _add_arguments(parser: argparse.ArgumentParser, command: Command) -> dict[st
     return flags
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> list[str]:
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any, help: str | None = None) -> list[str]:
     """Add the field as an argument; returns its flag's spellings (none for a positional)."""
     kwargs = dict(f.metadata)  # the help, and any argparse keyword the field sets (type, action, required)
+    if help is not None:
+        kwargs["help"] = help
     positional = kwargs.pop("positional", False)
     flag = kwargs.pop("flag", f"--{f.name}")
     off = kwargs.pop("off", f"Set --{f.name} to false.")  # what --no_<field> does, for a field on by default

@@ -233,3 +233,6 @@ def test_every_model_folder_has_a_finetune_script_that_parses():
         assert callable(module.main)
     shown = run_script(["finetune.py", "--help"], REPO / "StoryLlama")
     assert "--lora_rank" in shown.stdout and "--method {sft,dpo}" in shown.stdout and "5e-05" in shown.stdout
+    # the data flags say what they mean to a fine-tune, not pretraining's token stream
+    assert "Examples to train on" in shown.stdout and "Fraction of the examples held out" in shown.stdout
+    assert "tinystories | tinyshakespeare" not in shown.stdout

@@ -75,6 +75,16 @@ FINETUNE_DEFAULTS = dict(max_steps=1000, warmup_steps=50, eval_interval=100, eva
 LEARNING_RATES = {("sft", False): 5e-5, ("sft", True): 1e-3, ("dpo", False): 5e-6, ("dpo", True): 5e-5}
 DATASETS = {"sft": "yahma/alpaca-cleaned", "dpo": "trl-lib/ultrafeedback_binarized"}
 
+# what --dataset and --val_fraction mean to finetune.py, which reads whole examples, not a token stream
+FINETUNE_HELPS = {
+    "dataset": "Examples to train on: a Hub dataset id or a local .json/.jsonl/.parquet file or folder, in any of "
+               "the forms the README lists (Alpaca instructions, messages/conversations, prompt/completion; "
+               "DPO: prompt/chosen/rejected). Default: yahma/alpaca-cleaned for SFT, "
+               "trl-lib/ultrafeedback_binarized for DPO.",
+    "val_fraction": "Fraction of the examples held out for evaluation (the same rows whatever the seed) when the "
+                    "dataset has no validation split and no --val_dataset is given.",
+}
+
 
 def settle(cfg: TrainConfig, fcfg: FinetuneConfig, explicit: frozenset[str], architecture: str) -> TrainConfig:
     """The TrainConfig of a fine-tuning run: the method's learning rate (min_lr a tenth of it) and

@@ -26,7 +26,7 @@ from smolhub.checkpoint import (ADAPTER_WEIGHTS, fine_tuning_base, load_checkpoi
                                 save_checkpoint, weights_file)
 from smolhub.config import AUTO_BATCH, ModelConfig, TrainConfig
 from smolhub.errors import UserError
-from smolhub.finetune.config import FINETUNE_DEFAULTS, FinetuneConfig, settle
+from smolhub.finetune.config import FINETUNE_DEFAULTS, FINETUNE_HELPS, FinetuneConfig, settle
 from smolhub.finetune.lora import (LORA_TARGETS, adapters_disabled, add_adapter, has_experts, lora_config,
                                    saved_new_rows, train_new_rows)
 from smolhub.objectives import Objective
@@ -210,7 +210,7 @@ def parse_finetune_flags(model_cls: type[nn.Module], argv: list[str] | None):
 
     name = model_cls.__name__
     return parse_cli((model_cls.config_class, TrainConfig, FinetuneConfig), None, argv,
-                     defaults={**FINETUNE_DEFAULTS, "lora_targets": LORA_TARGETS[name]},
+                     defaults={**FINETUNE_DEFAULTS, "lora_targets": LORA_TARGETS[name]}, helps=FINETUNE_HELPS,
                      prog=f"{name}/finetune.py",
                      description=f"Fine-tune a {name} checkpoint (--init_from) into an assistant: SFT on "
                      "conversations or instructions, or DPO on preference pairs; every weight, or LoRA adapters "
