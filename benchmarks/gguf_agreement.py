@@ -11,6 +11,7 @@ llama.cpp computes our function (beyond it, it attends to every earlier token).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -45,16 +46,14 @@ def brief_training(model, ids: list[int], steps: int = 20) -> None:
 def tiny_trained(arch: str, tokenizer, text: str, **overrides):
     """The tiny preset of `arch` for `tokenizer`, briefly trained on `text`. StoryKimi's selection bias
     is set at random afterwards, so that it changes which experts are picked (training leaves it near 0)."""
-    import importlib
-
     from smolhub.config import pad_vocab
     from smolhub.modeling import model_class
+    from smolhub.train import parse_train_flags
 
     torch.manual_seed(0)
     cls = model_class(arch)
-    preset = importlib.import_module(f"{arch}.config").PRESETS["tiny"]
-    dims = {k: v for k, v in preset.items() if k in cls.config_class.__dataclass_fields__}
-    model = cls(cls.config_class(**{**dims, "vocab_size": pad_vocab(len(tokenizer)), **overrides}))
+    mcfg, _ = parse_train_flags(cls, ["--preset", "tiny"])
+    model = cls(dataclasses.replace(mcfg, vocab_size=pad_vocab(len(tokenizer)), **overrides))
     brief_training(model, tokenizer.encode(text))
     if arch == "StoryKimi":
         with torch.no_grad():

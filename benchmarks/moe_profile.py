@@ -43,10 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import re
-import tempfile
 import time
 
 import torch
@@ -54,6 +51,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.train_throughput import kernel_category
+from smolhub.files import write_json
 
 MOE_MODELS = ("SmolMixtral", "StoryMixtral", "StoryKimi")
 PREFIX = "moe_profile::"
@@ -357,13 +355,6 @@ def report(r: dict) -> str:
     lines += ["", f"Top 15 {'kernels' if 'device' in unit else 'operators (self CPU time)'}, ms per step:"]
     lines += [f"  {ms:8.3f}  {name[:120]}" for name, ms in r["top_kernels_ms"]]
     return "\n".join(lines)
-
-
-def write_json(path: str, data: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
 
 
 def parse_args(argv: list[str] | None = None):

@@ -37,9 +37,9 @@ from smolhub.finetune.tasks import (
     TASKS,
     evaluate_exact_match,
     make_suite,
-    write_json,
     write_suite,
 )
+from smolhub.files import write_json, write_text_atomically
 from smolhub.inference import load_model
 from smolhub.modeling import model_class
 
@@ -148,10 +148,8 @@ def markdown(report: dict) -> str:
 
 
 def save(report: dict, out: Path) -> None:
-    write_json(out / "posttrain.json", report)
-    tmp = out / "posttrain.md.tmp"
-    tmp.write_text(markdown(report))
-    os.replace(tmp, out / "posttrain.md")
+    write_json(out / "posttrain.json", report, indent=1)
+    write_text_atomically(out / "posttrain.md", markdown(report))
 
 
 def run_stage(name: str, stage: str, done: dict, test, examples, args, out: Path) -> dict:

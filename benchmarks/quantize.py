@@ -24,7 +24,6 @@ import ctypes
 import gc
 import json
 import multiprocessing
-import os
 import re
 import statistics
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from smolhub.errors import UserError
+from smolhub.files import write_json
 from smolhub.generate import Engine, SamplingConfig
 from smolhub.quantize import QUANTIZE_CHOICES, quantize_model, weights_bytes
 
@@ -159,13 +159,6 @@ def markdown_table(rows: list[dict], batches: list[int]) -> str:
                      + [num(r["bpb"], ".4f"), num(r.get("bpb_change"), "+.4f")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json(path: str, record: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

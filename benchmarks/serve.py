@@ -40,15 +40,14 @@ GPT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
 def random_engine(name: str, tokenizer_dir: str, device: str, compile: bool, overrides: dict) -> Engine:
     """A model at its default size (or with `overrides` of its config) with random weights and GPT-2's
     tokenizer: speed only."""
+    from benchmarks.common import ours
     from smolhub.config import pad_vocab
-    from smolhub.modeling import model_class
     from smolhub.tokenizer import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer(tokenizer_dir)
-    cls = model_class(name)
     torch.manual_seed(0)
     dev = pick_device(device)
-    model = cls(cls.config_class(**{"vocab_size": pad_vocab(len(tokenizer)), **overrides})).to(dev)
+    model = ours(name, pad_vocab(len(tokenizer)), **overrides)().to(dev)
     if dev.type == "cuda":
         model = model.to(torch.bfloat16)
     return Engine(model.eval(), tokenizer, compile)

@@ -5,12 +5,12 @@ Markdown table (report_card.md) and the same numbers as JSON (report_card.json).
 """
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from smolhub.data.sources import HUB_DATASETS
 from smolhub.errors import UserError
+from smolhub.files import write_text_atomically
 
 MARKDOWN_NAME, JSON_NAME = "report_card.md", "report_card.json"
 
@@ -104,16 +104,6 @@ def report_card_markdown(card: dict) -> str:
     return "\n".join([f"# Report card: {title}", "", *rows, ""])
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # a reader sees the old card or the new one, never half of one
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report_card(folder, card: dict) -> tuple[Path, Path]:
     """Write report_card.md and report_card.json into `folder` (a checkpoint folder, say), each
     replacing any earlier one in one step; return their paths."""
@@ -121,8 +111,8 @@ def write_report_card(folder, card: dict) -> tuple[Path, Path]:
     md_path, json_path = folder / MARKDOWN_NAME, folder / JSON_NAME
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(json_path, json.dumps(card, indent=2, allow_nan=False) + "\n")
-        _write_atomically(md_path, report_card_markdown(card))
+        write_text_atomically(json_path, json.dumps(card, indent=2, allow_nan=False) + "\n")
+        write_text_atomically(md_path, report_card_markdown(card))
     except OSError as e:
         raise UserError(f"cannot write the report card into {folder} ({e.strerror or e}): "
                         f"give a folder you can write to") from None

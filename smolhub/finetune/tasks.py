@@ -23,7 +23,6 @@ test items and scores exact match after normalisation (case, surrounding space, 
 from __future__ import annotations
 
 import json
-import os
 import random
 import string
 import sys
@@ -37,6 +36,7 @@ import torch
 from smolhub.cli import Command, parse_command, run_main
 from smolhub.config import option
 from smolhub.errors import UserError
+from smolhub.files import write_json, write_text_atomically
 
 WORDS = ["apple", "river", "stone", "bread", "horse", "house", "garden", "window", "candle", "letter", "forest", "mountain", "winter", "summer", "island", "castle", "bridge", "market", "church", "school", "doctor", "sailor", "farmer", "soldier", "captain", "kitchen", "table", "chair", "basket", "bottle", "pocket", "button", "ribbon", "blanket", "pillow", "ladder", "hammer", "needle", "thread", "silver", "golden", "copper", "paper", "pencil", "ticket", "wagon", "carriage", "engine", "rocket", "planet", "comet", "valley", "meadow", "orchard", "harbor", "anchor", "rabbit", "turtle", "monkey", "parrot", "dragon", "kitten", "puppy", "spider", "beetle", "cherry", "lemon", "orange", "banana", "butter", "cheese", "pepper", "honey", "cookie", "muffin", "pickle", "potato", "tomato", "carrot", "onion", "garlic", "flower", "blossom", "branch", "leaf", "feather", "shadow", "thunder", "lightning", "rainbow", "morning", "evening", "midnight", "holiday", "journey", "mirror", "lantern", "compass", "whistle", "trumpet", "violin", "guitar", "piano", "drum", "kettle", "teapot", "saucer", "spoon", "fork", "plate", "bucket", "barrel", "cannon", "pirate", "wizard", "knight", "princess", "giant", "shepherd", "baker", "tailor", "miller", "hunter", "fisher", "merchant"]
 # the counting task spells longer words, with letters that repeat
@@ -159,13 +159,6 @@ def dpo_row(item: TaskItem) -> dict:
             "rejected": [{"role": "assistant", "content": item.wrong}]}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)  # a reader sees the whole file or none
-
-
 def write_suite(folder: str | Path, n_train: int, n_test: int, seed: int = 0) -> dict[str, Path]:
     """Write sft_train/sft_test/dpo_train/dpo_test.jsonl into folder; returns their paths."""
     train, test = make_suite(n_train, n_test, seed)
@@ -175,7 +168,7 @@ def write_suite(folder: str | Path, n_train: int, n_test: int, seed: int = 0) ->
     for split, items in (("train", train), ("test", test)):
         for kind, row in (("sft", sft_row), ("dpo", dpo_row)):
             paths[f"{kind}_{split}"] = folder / f"{kind}_{split}.jsonl"
-            _write_jsonl(paths[f"{kind}_{split}"], [row(item) for item in items])
+            write_text_atomically(paths[f"{kind}_{split}"], "".join(json.dumps(row(item)) + "\n" for item in items))
     return paths
 
 
@@ -326,13 +319,6 @@ COMMANDS = {
 }
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     command, (args, suite) = parse_command(COMMANDS, argv, prog="python -m smolhub.finetune.tasks",
                                            description="A generated suite of instruction tasks with exact answers.")
@@ -355,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                    args.batch_size)
     results.update(checkpoint=str(engine.path), seed=suite.seed)
     out = Path(args.out) if args.out else Path(engine.path) / f"tasks_{mode}.json"
-    write_json(out, results)
+    write_json(out, results, indent=1)
     print(results_table(results))
     print(f"results written to {out}", file=sys.stderr)
     return results
