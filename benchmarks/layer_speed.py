@@ -37,16 +37,30 @@ def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
 
 
 def time_moe(tokens: int) -> dict:
-    from smolhub.layers import GroupedExperts, MoEFeedForward, SoftmaxTopKRouter
+    """The MoE layer (8 experts x 1024, top-2, d=512) against what bounds it: a dense SwiGLU of the same
+    active FLOPs (hidden 2048), and the two grouped matmuls alone on rows already in expert order.
+    TFLOP/s count the expert matmuls' 6 x tokens x k x 3 x d x hidden, forward and backward."""
+    import torch.nn.functional as F
 
-    x = torch.randn(tokens, 512, device="cuda", requires_grad=True)
-    g = torch.randn(tokens, 512, device="cuda")
+    from smolhub.layers import GroupedExperts, MoEFeedForward, SoftmaxTopKRouter
+    from smolhub.layers.moe import _grouped_mm
+
+    d, hidden, E, k = 512, 1024, 8, 2
+    flops = 6 * tokens * k * 3 * d * hidden
+    x = torch.randn(tokens, d, device="cuda", requires_grad=True)
+    g = torch.randn(tokens, d, device="cuda")
     rows = {}
+
+    def record(name: str, step) -> None:
+        ms = cuda_time_ms(step)
+        rows[f"{name}: ms"] = ms
+        rows[f"{name}: TFLOP/s"] = flops / ms / 1e9
+
     for grouped in (False, True):
         for compiled in (False, True):
             torch._dynamo.reset()
             torch.manual_seed(0)
-            layer = MoEFeedForward(SoftmaxTopKRouter(512, 8, 2), GroupedExperts(8, 512, 1024, use_grouped_mm=grouped))
+            layer = MoEFeedForward(SoftmaxTopKRouter(d, E, k), GroupedExperts(E, d, hidden, use_grouped_mm=grouped))
             layer = layer.cuda().train()
             fn = torch.compile(layer, fullgraph=grouped) if compiled else layer
 
@@ -56,7 +70,39 @@ def time_moe(tokens: int) -> dict:
                     loss = (y.float() * g).sum() + layer.aux["balance"] + layer.aux["z"]
                 loss.backward()
 
-            rows[f"{'grouped' if grouped else 'loop'}, {'compiled' if compiled else 'eager'}: ms"] = cuda_time_ms(step)
+            record(f"{'grouped' if grouped else 'loop'}, {'compiled' if compiled else 'eager'}", step)
+
+    torch._dynamo.reset()
+    gate_up = torch.randn(d, 2 * k * hidden, device="cuda", requires_grad=True)
+    down = torch.randn(k * hidden, d, device="cuda", requires_grad=True)
+
+    @torch.compile
+    def dense(x):
+        gate, up = (x @ gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ down
+
+    def dense_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = (dense(x).float() * g).sum()
+        loss.backward()
+
+    record(f"dense SwiGLU {k * hidden} (equal FLOPs), compiled", dense_step)
+
+    w1 = torch.randn(E, d, 2 * hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w2 = torch.randn(E, hidden, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    sorted_rows = torch.randn(tokens * k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (tokens * k // E)
+    grad = torch.randn(tokens * k, d, device="cuda", dtype=torch.bfloat16)
+
+    @torch.compile
+    def matmuls(rows):
+        gate, up = _grouped_mm(rows, w1, offs=offsets).chunk(2, dim=-1)
+        return _grouped_mm(F.silu(gate) * up, w2, offs=offsets)
+
+    def matmuls_step():
+        matmuls(sorted_rows).backward(grad)
+
+    record("grouped matmuls + SwiGLU alone (sorted, balanced rows), compiled", matmuls_step)
     return rows
 
 

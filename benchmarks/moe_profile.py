@@ -63,7 +63,8 @@ COMBINE_OPS = re.compile(r"^aten::(mul|sum)$|: (Mul|Sum)Backward\d$")
 CAST_OPS = re.compile(r"^aten::(to|_to_copy|copy_)$|: ToCopyBackward\d$")
 # Kernel-name patterns of the MoE layer, tried before train_throughput's KERNEL_CATEGORIES.
 MOE_KERNEL_CATEGORIES = [
-    ("grouped matmuls", r"grouped_mm|grouped_gemm|_grouped"),
+    # CUTLASS's grouped GEMM behind torch's grouped_mm is named for its GroupProblemShape template
+    ("grouped matmuls", r"grouped_mm|grouped_gemm|_grouped|GroupProblemShape"),
     ("top-k", r"topk"),
     ("sort/permutation", r"sort|radix|scatter|gather|index|cumsum|repeat_interleave"),
     ("matmul", r"^aten::(mm|bmm|addmm|matmul)$"),  # on CPU the table is of operators, not kernels
@@ -245,10 +246,17 @@ def attribute(events, cuda: bool) -> tuple[dict[str, float], dict[str, float]]:
             label = innermost_label(e, {})
             if label is not None:
                 forward_part[e.sequence_nr] = label
+    # record_function regions (ours, and torch's own such as Optimizer.step#AdamW.step) also appear on
+    # the GPU's timeline as annotations spanning their kernels: time of their own there would count twice
+    annotations = {e.name for e in events if e.device_type.name == "CUDA" and e.is_user_annotation}
     parts = dict.fromkeys(PARTS, 0.0)
     for e in ops:
-        # a region's own event holds no work of its own (on CUDA, only its GPU-side annotation)
-        t = 0 if e.name.startswith(PREFIX) else e.self_device_time_total if cuda else e.self_cpu_time_total
+        if e.name.startswith(PREFIX):
+            continue
+        if cuda:
+            t = e.self_device_time_total - sum(k.duration for k in e.kernels if k.name in annotations)
+        else:
+            t = e.self_cpu_time_total
         if t <= 0:
             continue
         label = innermost_label(e, forward_part) or "other"
@@ -258,7 +266,7 @@ def attribute(events, cuda: bool) -> tuple[dict[str, float], dict[str, float]]:
         parts[label] += t
     by_name: dict[str, float] = {}
     for e in events:
-        if e.name.startswith(PREFIX):
+        if e.name.startswith(PREFIX) or (cuda and e.is_user_annotation):
             continue
         if cuda and e.device_type.name == "CUDA":
             by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total

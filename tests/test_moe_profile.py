@@ -52,3 +52,26 @@ def test_moe_vs_dense_spec_matches_active_parameters(model, budget, monkeypatch)
     moe_arm, dense_arm = (active_params(a.model, [*study.flags, *a.flags]) for a in study.arms)
     assert abs(dense_arm / moe_arm - 1) <= 0.03, (moe_arm, dense_arm)
     assert f"{moe_arm:,}" in (REPO / f"benchmarks/studies/moe_vs_dense_{model}_{budget}.yaml").read_text()
+
+
+def test_gpu_annotations_of_regions_are_not_counted_as_kernel_time():
+    """On CUDA a record_function region (torch's Optimizer.step#AdamW.step here) also shows on the GPU's
+    timeline, as an annotation spanning its kernels and linked to the region's CPU event: its length is
+    no work of its own, in the part table or the kernel table."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, start, end, device_type=DeviceType.CPU, annotation=False, **kwargs):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, use_device="cuda",
+                             device_type=device_type, is_user_annotation=annotation, **kwargs)
+
+    region = event("Optimizer.step#AdamW.step", 0, 100, annotation=True)
+    op = event("aten::_fused_adamw_", 10, 90)
+    op.cpu_parent, region.cpu_children = region, [op]
+    region.append_kernel("Optimizer.step#AdamW.step", 0, 95)  # its GPU-side annotation
+    op.append_kernel("multi_tensor_apply_kernel", 0, 30)
+    gpu = [event("Optimizer.step#AdamW.step", 5, 100, DeviceType.CUDA, annotation=True),
+           event("multi_tensor_apply_kernel", 20, 50, DeviceType.CUDA)]
+    parts, by_name = moe_profile.attribute([region, op, *gpu], cuda=True)
+    assert sum(parts.values()) == 30 and parts["other"] == 30
+    assert by_name == {"multi_tensor_apply_kernel": 30}

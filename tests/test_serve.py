@@ -17,12 +17,13 @@ NAME = "tiny-chat"
 COLOUR = [{"role": "user", "content": "Name a colour."}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, one_thread):
+# on CUDA every decode step is one captured CUDA graph (model and sampling): the same tests hold there
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def server(request, tmp_path_factory, one_thread):
     from smolhub.inference import load_model
     from smolhub.serve.api import BackgroundServer, create_app
 
-    engine = load_model(str(make_chat_checkpoint(tmp_path_factory.mktemp("chat"))), device="cpu")
+    engine = load_model(str(make_chat_checkpoint(tmp_path_factory.mktemp("chat"))), device=request.param)
     app = create_app(engine, NAME, max_batch=16)
     with BackgroundServer(app) as running:
         running.engine, running.scheduler = engine, app.state.scheduler
@@ -130,6 +131,7 @@ def test_concurrent_clients_are_batched_and_get_what_their_seed_gives_alone(serv
         together = list(pool.map(lambda r: complete(client, **r), requests))
     assert together == alone
     assert server.scheduler.max_batch_seen >= 8
+    assert server.scheduler.use_graphs == (server.scheduler.device.type == "cuda")  # no fallback to eager
 
 
 def test_rows_that_end_at_different_steps_and_are_refilled_give_each_request_its_own_tokens(server, client):
@@ -144,6 +146,7 @@ def test_rows_that_end_at_different_steps_and_are_refilled_give_each_request_its
     assert [r.usage.completion_tokens for r in together] == [r.usage.completion_tokens for r in alone]
     assert [r.choices[0].finish_reason for r in together] == [r.choices[0].finish_reason for r in alone]
     assert sum(r.choices[0].finish_reason == "length" for r in alone) >= 6
+    assert server.scheduler.use_graphs == (server.scheduler.device.type == "cuda")
 
 
 def test_a_cancelled_stream_frees_its_row_and_the_others_finish(server, client):
