@@ -68,6 +68,37 @@ def test_grouped_experts_equal_the_per_expert_loop():
 
 
 @cuda
+@pytest.mark.parametrize("used", [[1, 4, 6], [2, 5]], ids=["idle-experts", "every-token-same-experts"])
+def test_grouped_experts_equal_the_loop_on_skewed_routing(used):
+    """Routing the router would rarely produce: three experts get every token (five get none), or every
+    token picks the same two. Grouped GEMM against the loop under bf16 autocast, output and gradients;
+    the idle experts' weight gradients are exactly zero."""
+    from smolhub.layers import GroupedExperts
+
+    gen = torch.Generator(device="cuda").manual_seed(len(used))
+    tokens = 4096
+    used_t = torch.tensor(used, device="cuda")
+    idx = torch.stack([used_t[torch.randperm(len(used), device="cuda", generator=gen)[:2]] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, device="cuda", generator=gen).softmax(-1)
+    x = torch.randn(tokens, 512, device="cuda", generator=gen)
+    g = torch.randn(tokens, 512, device="cuda", generator=gen)
+    results = []
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        experts = GroupedExperts(8, 512, 1024, use_grouped_mm=grouped).cuda()
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = experts(xi, idx, wi)
+        (y.float() * g).sum().backward()
+        results.append([y, xi.grad, wi.grad, experts.gate_up.grad, experts.down.grad])
+    errors = [rel_err(a, b) for a, b in zip(*results)]
+    assert max(errors) < 2e-2, errors
+    idle = [e for e in range(8) if e not in used]
+    for grad in results[0][3:]:
+        assert grad[idle].abs().sum() == 0 and grad[used].abs().sum() > 0
+
+
+@cuda
 @pytest.mark.parametrize("noisy", [False, True], ids=["softmax-router", "noisy-router"])
 def test_moe_layer_compiles_as_one_graph(noisy):
     """Router, balancing losses and grouped experts compile with fullgraph=True, forward and backward,
