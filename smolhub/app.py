@@ -33,7 +33,7 @@ from smolhub.config import option
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig, TextStream, check_unicode
 from smolhub.inference import check_architecture, load_model
-from smolhub.quantize import QUANTIZE_CHOICES
+from smolhub.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP
 
 EXAMPLES = ("Once upon a time", "One day, a little girl named Lily found",
             "The dragon looked at the knight and said")
@@ -337,8 +337,7 @@ class ServeArgs:
     concurrency: int = option(1, "Requests generated at once; the rest wait in the queue.")
     compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s; the first request of each batch "
                            "size waits ~20 s for the compiler).")
-    quantize: Literal[QUANTIZE_CHOICES] = option("none", "Weights in fewer bits through torchao: int8, int8-dynamic "
-                                                 "(int8 activations too) or int4; the output head is int8.")
+    quantize: Literal[QUANTIZE_CHOICES] = option("none", QUANTIZE_HELP)
 
     def __post_init__(self) -> None:
         for name in ["max_new_tokens_limit", "max_prompt_chars", "concurrency"]:

@@ -16,7 +16,7 @@ from smolhub.cli import parse_cli
 from smolhub.config import option
 from smolhub.errors import UserError
 from smolhub.generate import Engine, SamplingConfig
-from smolhub.quantize import QUANTIZE_CHOICES, check_quantize, quantize_model
+from smolhub.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP, check_quantize, quantize_model
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -102,8 +102,7 @@ class InferenceArgs:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", "Weights dtype; auto = bf16 on CUDA.")
     compile: bool = option(False, "CUDA: compile the decode step (~2x tokens/s after ~20 s of compiling; for long "
                            "or many generations).")
-    quantize: Literal[QUANTIZE_CHOICES] = option("none", "Weights in fewer bits through torchao: int8, int8-dynamic "
-                                                 "(int8 activations too) or int4; the output head is int8.")
+    quantize: Literal[QUANTIZE_CHOICES] = option("none", QUANTIZE_HELP)
     chat: bool = option(False, "Talk to a checkpoint fine-tuned to chat: each line of stdin is a user turn (until "
                         "EOF), each reply streams, ending at the end of its turn; the oldest turns are left out "
                         "when the conversation would not fit the context with --max_new_tokens.")

@@ -38,6 +38,10 @@ from smolhub.errors import UserError
 from smolhub.layers import GroupedExperts
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic", "int4")
+# the --quantize flag's help wherever a model is loaded (inference, the app, the server)
+QUANTIZE_HELP = ("Weights in fewer bits through torchao: int8, int8-dynamic (int8 activations too; CPU only) or "
+                 "int4; the output head is int8. Smaller, not faster: on a GPU every setting decodes slower than "
+                 "bf16 (the README's Deploy table).")
 INT4_GROUP_SIZES = (128, 64, 32)  # torchao's int4 kernels take these; the largest that divides a width
 # read as matrices outside their module's forward: routers (fp32 routing), MLA's absorbed W_uk/W_uv
 NOT_QUANTIZED = ("router.gate", "router.noise", "wkv_b")

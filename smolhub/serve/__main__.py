@@ -20,7 +20,7 @@ from typing import Literal
 from smolhub.cli import parse_cli, run_main
 from smolhub.config import option
 from smolhub.errors import UserError
-from smolhub.quantize import QUANTIZE_CHOICES
+from smolhub.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP
 
 DESCRIPTION = ("Serve a checkpoint behind an OpenAI-compatible API: GET /health, GET /v1/models, POST /v1/completions, "
                "POST /v1/chat/completions (a checkpoint fine-tuned to chat), streamed with \"stream\": true. Requests "
@@ -35,8 +35,7 @@ class ServeArgs:
     port: int = option(8000, "Port to listen on.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", "Weights dtype; auto = bf16 on CUDA.")
-    quantize: Literal[QUANTIZE_CHOICES] = option("none", "Quantize the weights (torchao): int8 weight-only, int8-dynamic (int8 "
-                                "activations too), int4 weight-only.")
+    quantize: Literal[QUANTIZE_CHOICES] = option("none", QUANTIZE_HELP)
     compile: bool = option(False, "CUDA: compile the decode step before capturing it (faster steps after ~20 s "
                            "of compiling per batch-size bucket, paid by the first requests).")
     max_batch: int = option(64, "Most requests decoded together; more wait for a free row.")
