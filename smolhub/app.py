@@ -118,12 +118,31 @@ class Timed:
             self.seconds += time.perf_counter() - start
 
 
+class StopButtons:
+    """The browser sessions whose Stop button was pressed. Their generation ends itself at its next piece,
+    with "Stopped." as its last update: cancelling the event from the button instead races, since pieces
+    already on their way to the page can land after the button's own status."""
+
+    def __init__(self):
+        self.sessions: set[str] = set()
+
+    def press(self, request: gr.Request) -> None:
+        self.sessions.add(request.session_hash)
+
+    def reset(self, request: gr.Request | None) -> None:
+        if request is not None:
+            self.sessions.discard(request.session_hash)
+
+    def pressed(self, request: gr.Request | None) -> bool:
+        return request is not None and request.session_hash in self.sessions
+
+
 def streamed(pieces: Timed, text: str, note: str, seed: int) -> Iterator[tuple[str, object]]:
     """(text so far, status line) as the pieces arrive, then the speed and seed: what both demos show."""
     status = "Generating..." + note
     for piece in pieces:
         text += piece
-        # the status goes out once: a piece still in flight when Stop is pressed must not overwrite "Stopped."
+        # the status goes out once, not again with every piece
         yield text, status
         status = gr.skip()
     yield text, f"{pieces.speed()}, seed {seed}{note}"
@@ -182,12 +201,19 @@ def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_
     """The demo of one loaded model (from `load_model`): streamed generation, a model card, `/generate`.
     A prompt longer than the model's context keeps its end, which the status line says."""
     limits = Limits(max_prompt_chars, max_new_tokens_limit)
+    stops = StopButtons()
 
-    def stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
+    def stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+               request: gr.Request = None):
+        stops.reset(request)
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
-            yield from streamed(Timed(engine.stream(prompt, cfg)), prompt, crop_suffix(engine, prompt), cfg.seed)
+            for update in streamed(Timed(engine.stream(prompt, cfg)), prompt, crop_suffix(engine, prompt), cfg.seed):
+                if stops.pressed(request):
+                    yield gr.skip(), "Stopped."
+                    return
+                yield update
         except UserError as e:
             # a user mistake: show it in the page, keep the server log for real failures
             raise gr.Error(str(e), print_exception=False) from None
@@ -217,9 +243,8 @@ def build_app(engine: Engine, title: str, max_prompt_chars: int = 2000, max_new_
                 gr.Markdown(model_card(engine), elem_id="model-card")
         # the browser's button streams text and speed; API clients get the text alone, from `generate`.
         # Both draw on one concurrency budget, so --concurrency bounds the generations running at once.
-        event = run.click(stream, [prompt, *controls], [output, stats], api_visibility="private",
-                          concurrency_id="generate")
-        stop.click(lambda: "Stopped.", None, stats, cancels=[event], queue=False, api_visibility="private")
+        run.click(stream, [prompt, *controls], [output, stats], api_visibility="private", concurrency_id="generate")
+        stop.click(stops.press, None, None, queue=False, api_visibility="private")
         gr.api(generate, api_name="generate", concurrency_id="generate")
     return demo
 
@@ -275,8 +300,11 @@ def build_compare_app(engines: Sequence[Engine], max_prompt_chars: int = 2000, m
     """One prompt, several loaded models side by side, each with its own speed."""
     limits = Limits(max_prompt_chars, max_new_tokens_limit)
     n = len(engines)
+    stops = StopButtons()
 
-    def compare(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
+    def compare(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                request: gr.Request = None):
+        stops.reset(request)
         try:
             prompt, cfg = check_request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         seed, limits)
@@ -286,6 +314,9 @@ def build_compare_app(engines: Sequence[Engine], max_prompt_chars: int = 2000, m
             stats = ["Generating..." + note for note in notes]
             # one piece from each model in turn, so all outputs grow together
             while running:
+                if stops.pressed(request):
+                    yield *[gr.skip()] * n, *["Stopped."] * n
+                    return
                 for i in sorted(running):
                     piece = next(streams[i], None)
                     if piece is None:
@@ -316,8 +347,8 @@ def build_compare_app(engines: Sequence[Engine], max_prompt_chars: int = 2000, m
                     stats.append(gr.Markdown(elem_id=f"stats-{i}"))
                     with gr.Accordion("Model card", open=False):
                         gr.Markdown(model_card(engine))
-        event = run.click(compare, [prompt, *controls], outputs + stats, api_name="compare")
-        stop.click(lambda: ["Stopped."] * n, None, stats, cancels=[event], queue=False, api_visibility="private")
+        run.click(compare, [prompt, *controls], outputs + stats, api_name="compare")
+        stop.click(stops.press, None, None, queue=False, api_visibility="private")
     return demo
 
 

@@ -260,6 +260,26 @@ def test_compare_app_shows_outputs_side_by_side(apps, page, checkpoints):
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
 
+def test_compare_app_stop_ends_every_stream_with_stopped_last(apps, page):
+    page.goto(apps[1])
+    set_prompt(page, LONG_PROMPT)
+    set_controls(page, BLOCK_SIZE - 1, seed=1)
+    page.locator("#stats-0").evaluate("""stats => new MutationObserver((_, observer) => {
+        if (stats.innerText.includes('Generating...')) {
+            observer.disconnect();
+            document.querySelector('#stop').click();
+        }
+    }).observe(stats, {subtree: true, childList: true, characterData: true})""")
+    page.locator("#generate").click()
+    for i in range(2):
+        page.locator(f"#stats-{i}").get_by_text("Stopped.").wait_for(timeout=30_000)
+    stopped = [page.locator(f"#output-{i} textarea").input_value() for i in range(2)]
+    time.sleep(1.0)
+    assert [page.locator(f"#output-{i} textarea").input_value() for i in range(2)] == stopped
+    assert all(text.startswith(LONG_PROMPT) for text in stopped)
+    assert all("tokens/s" not in page.locator(f"#stats-{i}").inner_text() for i in range(2))
+
+
 def test_cli_refuses_bad_arguments(checkpoints):
     from smolhub.app import cli, main
     from smolhub.errors import UserError
