@@ -73,13 +73,13 @@ def test_grouped_experts_equal_the_loop_on_skewed_routing(used):
     """Routing the router would rarely produce: three experts get every token (five get none), or every
     token picks the same two. Grouped GEMM against the loop under bf16 autocast, output and gradients;
     the idle experts' weight gradients are exactly zero."""
+    from test_moe import routing
+
     from smolhub.layers import GroupedExperts
 
-    gen = torch.Generator(device="cuda").manual_seed(len(used))
     tokens = 4096
-    used_t = torch.tensor(used, device="cuda")
-    idx = torch.stack([used_t[torch.randperm(len(used), device="cuda", generator=gen)[:2]] for _ in range(tokens)])
-    w = torch.rand(tokens, 2, device="cuda", generator=gen).softmax(-1)
+    idx, w = (t.cuda() for t in routing(tokens, 8, 2, used, seed=len(used)))
+    gen = torch.Generator(device="cuda").manual_seed(len(used))
     x = torch.randn(tokens, 512, device="cuda", generator=gen)
     g = torch.randn(tokens, 512, device="cuda", generator=gen)
     results = []
