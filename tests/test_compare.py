@@ -124,9 +124,21 @@ def test_equal_flops_gives_steps_in_inverse_proportion_to_flops_per_token(study,
     assert not (tmp_path / "study").exists()
 
 
-def test_killed_study_resumes_to_the_same_report(study, data_dir, tmp_path):
-    """SIGKILL the study while its second run trains: run again, it keeps the finished run, continues
-    the interrupted one with --resume, and reports what the uninterrupted study reported."""
+def folder_is_free(run: Path) -> bool:
+    with open(run / ".lock") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_stopped_study_resumes_to_the_same_report(study, data_dir, tmp_path, stop):
+    """Stop the study while its second run trains, by SIGKILL (the trainer saves on its parent's death)
+    or by a SIGTERM to the study alone (it passes the signal on and exits only once the trainer has
+    saved): run again, it keeps the finished run, continues the interrupted one with --resume, and
+    reports what the uninterrupted study reported."""
     spec = write_spec(tmp_path, data_dir)
     out = tmp_path / "study"
     proc = compare(spec)
@@ -135,16 +147,14 @@ def test_killed_study_resumes_to_the_same_report(study, data_dir, tmp_path):
     while not ((second / "metrics.jsonl").exists() and any(r["step"] >= 10 for r in records(second))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    with open(second / ".lock") as lock:  # the trainer saves on the study's death, then lets go of its folder
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                assert time.time() < deadline
-                time.sleep(0.1)
+    proc.send_signal(stop)
+    output = proc.communicate()[0]
+    if stop == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in output, output[-3000:]
+        assert folder_is_free(second) and any(second.glob("ckpt-*")), output[-3000:]
+    while not folder_is_free(second):
+        assert time.time() < deadline
+        time.sleep(0.1)
     assert not (out / "report.json").exists()
     finished_ckpt = out / "llama" / "seed-1" / f"ckpt-{STEPS:07d}"
     saved_at = finished_ckpt.stat().st_mtime_ns

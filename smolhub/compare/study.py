@@ -22,6 +22,7 @@ from smolhub.data import training_tokenizer
 from smolhub.errors import UserError
 from smolhub.modeling import model_class
 from smolhub.plan import sequences_per_process
+from smolhub.runtime import Interrupted
 from smolhub.train import build_model, grad_accum_steps, parse_train_flags
 
 BUDGETS = ("tokens", "flops", "seconds")
@@ -229,7 +230,7 @@ def train(study: Study, p: Plan, seed: int) -> None:
     study_pid = os.getpid()
     proc = subprocess.Popen(launch + argv, cwd=p.folder, preexec_fn=lambda: stop_with_parent(study_pid))
     try:
-        code = proc.wait()
+        code = wait_passing_on_sigterm(proc)
     except KeyboardInterrupt:
         proc.wait()  # the trainer had the same Ctrl-C: let it save its checkpoint
         raise
@@ -238,8 +239,28 @@ def train(study: Study, p: Plan, seed: int) -> None:
                         "study again to continue from its last checkpoint")
 
 
+def wait_passing_on_sigterm(proc: subprocess.Popen) -> int:
+    """The trainer's exit code. A SIGTERM to the study (`timeout`, `kill`, a job scheduler) goes on to
+    the trainer, and the study waits while it saves before stopping with the signal: whoever stopped the
+    study finds the checkpoint on disk and the run folder free once the study has exited."""
+    received: list[int] = []
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)  # a second one, where it had the first too, only repeats the request
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:
+        raise Interrupted(received[0])
+    return code
+
+
 def stop_with_parent(study_pid: int) -> None:
-    """In the trainer's process: a study killed outright sends it SIGTERM, on which it saves and stops,
+    """In the trainer's process: a study killed outright (SIGKILL) sends it SIGTERM, on which it saves and stops,
     instead of training on unwatched and holding its folder's lock against the rerun."""
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
