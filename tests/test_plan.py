@@ -13,8 +13,10 @@ from smolhub.checkpoint import load_trainer_state
 from smolhub.compare import load_study, plan
 from smolhub.config import TrainConfig
 from smolhub.errors import UserError
+from smolhub.modeling import model_class
 from smolhub.objectives import NextTokenPrediction
 from smolhub.plan import eta_line, largest_micro_batch, plan_lines, sequences_per_process, trial_bytes
+from smolhub.train import parse_train_flags
 
 LLAMA = REPO / "StoryLlama"
 
@@ -125,6 +127,24 @@ def test_plan_lines_of_a_tiny_preset_run(data, tmp_path):
                                 "--max_tokens)")  # 25 steps are under a tenth of Shakespeare
     assert "--batch_size auto" not in stdout
     assert re.search(r"^~[\d.]+ (s|min) to step 25 at [\d,k]+ tok/s$", stdout, re.M), stdout
+
+
+@pytest.mark.parametrize("name", ["SmolTransformer", "StoryLlama", "SmolMixtral", "StoryMixtral", "StoryKimi"])
+def test_readme_default_runs_table_is_each_recipe(name):
+    """The README's "Default runs" row of each model is what `python trainer.py` with no flags plans:
+    its data, tokens a step, steps, tokens, warmup, learning rate(s) and cosine to a tenth."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| model | data | tokens a step | steps | tokens | warmup |"):]
+    row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+    data, tokens_per_step, steps, tokens, warmup, lr = [cell.strip() for cell in row.split("|")[2:-1]]
+    _, cfg = parse_train_flags(model_class(name), [])
+    assert data.lower() == cfg.dataset
+    assert (int(tokens_per_step.replace(",", "")), int(steps.replace(",", "")), int(warmup)) == \
+        (cfg.tokens_per_step, cfg.max_steps, cfg.warmup_steps)
+    total = cfg.tokens_per_step * cfg.max_steps
+    assert tokens.split()[0] == (f"{total / 1e9:.1f}B" if total >= 1e9 else f"{total / 1e6:.0f}M")
+    assert float(lr.split()[0]) == cfg.lr and cfg.min_lr == pytest.approx(cfg.lr / 10) and cfg.schedule == "cosine"
+    assert ("Muon and AdamW" in lr) == (cfg.optimizer == "muon" and cfg.muon_lr in (0, cfg.lr))
 
 
 def test_plan_lines_say_what_to_change_outside_a_tenth_to_twenty_epochs():
