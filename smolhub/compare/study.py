@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,23 +240,28 @@ def train(study: Study, p: Plan, seed: int) -> None:
                         "study again to continue from its last checkpoint")
 
 
-def wait_passing_on_sigterm(proc: subprocess.Popen) -> int:
-    """The trainer's exit code. A SIGTERM to the study (`timeout`, `kill`, a job scheduler) goes on to
-    the trainer, and the study waits while it saves before stopping with the signal: whoever stopped the
-    study finds the checkpoint on disk and the run folder free once the study has exited."""
-    received: list[int] = []
-
-    def pass_on(signum, frame):
-        received.append(signum)
-        proc.send_signal(signum)  # a second one, where it had the first too, only repeats the request
-
-    previous = signal.signal(signal.SIGTERM, pass_on)
+def wait_passing_on_sigterm(proc: subprocess.Popen, grace: float = 2.0) -> int:
+    """The trainer's exit code. A SIGTERM to the study (`timeout`, `kill`, a job scheduler) reaches the
+    trainer too, and the study waits while it saves before stopping with the signal: whoever stopped
+    the study finds the checkpoint on disk and the run folder free once the study has exited. A signal
+    sent to the whole process group reached the trainer already; one sent to the study alone is passed
+    on after `grace` seconds, by when a trainer that had it is saving, where a repeat only asks again."""
+    received: list[float] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(time.monotonic()))
+    passed_on = False
     try:
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if received and not passed_on and time.monotonic() - received[0] >= grace:
+                    proc.send_signal(signal.SIGTERM)
+                    passed_on = True
     finally:
         signal.signal(signal.SIGTERM, previous)
     if received:
-        raise Interrupted(received[0])
+        raise Interrupted(signal.SIGTERM)
     return code
 
 
