@@ -71,11 +71,12 @@ class ModelConfig:
     init_std: float = option(0.02, "Std of the normal init; residual projections get std/sqrt(2*n_layer).")
     grad_checkpointing: bool = option(False, "Recompute each block in backward to save activation memory.")
     bf16_residual: bool = option(True, "Under bf16 autocast, carry the residual stream in bf16 (as torchtitan and "
-                                 "Megatron do) rather than fp32 (as nanoGPT and transformers do): half the memory traffic "
-                                 "of the residual adds and norms; what each costs in speed and loss: README.md, "
-                                 "\"Default runs\".",
+                                 "Megatron do) rather than fp32 (as nanoGPT and transformers do): half the memory "
+                                 "traffic of the residual adds and norms; what each costs in speed and loss: "
+                                 "README.md, \"Default runs\".",
                                  off="Under bf16 autocast, carry the residual stream in fp32 (as nanoGPT and "
-                                 "transformers do): more precise; its speed and loss against bf16: README.md, \"Default runs\".")
+                                 "transformers do): more precise; its speed and loss against bf16: README.md, "
+                                 "\"Default runs\".")
 
     def __post_init__(self) -> None:
         check_finite(self)
