@@ -133,11 +133,11 @@ def folder_is_free(run: Path) -> bool:
             return False
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_stopped_study_resumes_to_the_same_report(study, data_dir, tmp_path, stop):
     """Stop the study while its second run trains, by SIGKILL (the trainer saves on its parent's death)
-    or by a SIGTERM to the study alone (it passes the signal on and exits only once the trainer has
-    saved): run again, it keeps the finished run, continues the interrupted one with --resume, and
+    or by a SIGTERM or SIGINT to the study alone (it passes the signal on and exits only once the trainer
+    has saved): run again, it keeps the finished run, continues the interrupted one with --resume, and
     reports what the uninterrupted study reported."""
     spec = write_spec(tmp_path, data_dir)
     out = tmp_path / "study"
@@ -149,8 +149,8 @@ def test_stopped_study_resumes_to_the_same_report(study, data_dir, tmp_path, sto
         time.sleep(0.05)
     proc.send_signal(stop)
     output = proc.communicate()[0]
-    if stop == signal.SIGTERM:
-        assert proc.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in output, output[-3000:]
+    if stop != signal.SIGKILL:
+        assert proc.returncode == 128 + stop and f"interrupted by {stop.name}" in output, output[-3000:]
         assert folder_is_free(second) and any(second.glob("ckpt-*")), output[-3000:]
     while not folder_is_free(second):
         assert time.time() < deadline

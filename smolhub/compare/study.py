@@ -230,24 +230,26 @@ def train(study: Study, p: Plan, seed: int) -> None:
     print(f"{p.arm.name} seed {seed}: {' '.join(launch[1:] + argv)}", flush=True)
     study_pid = os.getpid()
     proc = subprocess.Popen(launch + argv, cwd=p.folder, preexec_fn=lambda: stop_with_parent(study_pid))
-    try:
-        code = wait_passing_on_sigterm(proc)
-    except KeyboardInterrupt:
-        proc.wait()  # the trainer had the same Ctrl-C: let it save its checkpoint
-        raise
+    code = wait_passing_on_stop(proc)
     if code:
         raise UserError(f"arm {p.arm.name} seed {seed}: its trainer exited {code} (its output is above); run the "
                         "study again to continue from its last checkpoint")
 
 
-def wait_passing_on_sigterm(proc: subprocess.Popen, grace: float = 2.0) -> int:
-    """The trainer's exit code. A SIGTERM to the study (`timeout`, `kill`, a job scheduler) reaches the
-    trainer too, and the study waits while it saves before stopping with the signal: whoever stopped
-    the study finds the checkpoint on disk and the run folder free once the study has exited. A signal
-    sent to the whole process group reached the trainer already; one sent to the study alone is passed
-    on after `grace` seconds, by when a trainer that had it is saving, where a repeat only asks again."""
-    received: list[float] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(time.monotonic()))
+def wait_passing_on_stop(proc: subprocess.Popen, grace: float = 2.0) -> int:
+    """The trainer's exit code. A stop signal to the study (Ctrl-C; SIGTERM from `timeout`, `kill`, a job
+    scheduler) reaches the trainer too, and the study waits while it saves before stopping with the
+    signal: whoever stopped the study finds the checkpoint on disk and the run folder free once the study
+    has exited. A signal sent to the whole process group reached the trainer already; one sent to the
+    study alone is passed on after `grace` seconds, by when a trainer that had it is saving, where a
+    repeat only asks again."""
+    received: list[tuple[int, float]] = []  # the first stop signal and when it came
+
+    def remember(signum, frame):
+        if not received:
+            received.append((signum, time.monotonic()))
+
+    handlers = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
     passed_on = False
     try:
         while True:
@@ -255,13 +257,14 @@ def wait_passing_on_sigterm(proc: subprocess.Popen, grace: float = 2.0) -> int:
                 code = proc.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
-                if received and not passed_on and time.monotonic() - received[0] >= grace:
-                    proc.send_signal(signal.SIGTERM)
+                if received and not passed_on and time.monotonic() - received[0][1] >= grace:
+                    proc.send_signal(received[0][0])
                     passed_on = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if received:
-        raise Interrupted(signal.SIGTERM)
+        raise Interrupted(received[0][0])
     return code
 
 
