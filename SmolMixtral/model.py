@@ -24,7 +24,7 @@ class Block(nn.Module):
         self.ffn_norm = LayerNorm(config.n_embd, config.norm_eps)
         router = (NoisyTopKRouter if config.noisy_routing else SoftmaxTopKRouter)(
             config.n_embd, config.n_experts, config.top_k)
-        experts = GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden)
+        experts = GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden, config.experts_kernel)
         self.moe = MoEFeedForward(router, experts, config.capacity_factor, config.dropout)
 
     def forward(self, x, rope, kv_cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,

@@ -1,13 +1,14 @@
 """StoryKimi's configuration: the defaults of docs/MODELS.md (~182M parameters, ~78M active) and the presets."""
 from dataclasses import dataclass
 
-from smolhub.config import ModelConfig, option
+from smolhub.config import ModelConfig, experts_kernel_option, option
 from smolhub.errors import UserError
 
 
 @dataclass
 class StoryKimiConfig(ModelConfig):
-    training_fields = ModelConfig.training_fields | {"qk_clip_threshold", "bias_update_rate", "seq_aux_loss_weight"}
+    training_fields = ModelConfig.training_fields | {"qk_clip_threshold", "bias_update_rate", "seq_aux_loss_weight",
+                                                     "experts_kernel"}
 
     block_size: int = option(512, "Context length in tokens.")
     n_layer: int = option(12, "Number of transformer blocks.")
@@ -34,6 +35,7 @@ class StoryKimiConfig(ModelConfig):
     bias_update_rate: float = option(1e-3, "Aux-loss-free balancing: step of the per-expert selection bias after "
                                      "each optimizer step (0 = no balancing bias).")
     seq_aux_loss_weight: float = option(1e-4, "Weight of the sequence-wise balance loss (DeepSeek-V3 eq. 17; 0 = off).")
+    experts_kernel: str = experts_kernel_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()

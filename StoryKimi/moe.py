@@ -56,7 +56,7 @@ class DeepSeekMoE(nn.Module):
         super().__init__()
         c = config
         self.router = SigmoidRouter(c.n_embd, c.n_routed_experts, c.top_k, c.routed_scaling_factor)
-        self.experts = GroupedExperts(c.n_routed_experts, c.n_embd, c.expert_hidden)
+        self.experts = GroupedExperts(c.n_routed_experts, c.n_embd, c.expert_hidden, c.experts_kernel)
         self.shared = SwiGLU(c.n_embd, c.n_shared_experts * c.expert_hidden) if c.n_shared_experts else None
         self.dropout = nn.Dropout(c.dropout)
         self.with_seq_loss = c.seq_aux_loss_weight > 0

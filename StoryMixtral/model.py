@@ -25,7 +25,8 @@ class Block(nn.Module):
                                         window=config.sliding_window or None)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.moe = MoEFeedForward(SoftmaxTopKRouter(config.n_embd, config.n_experts, config.top_k),
-                                  GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden),
+                                  GroupedExperts(config.n_experts, config.n_embd, config.expert_hidden,
+                                                 config.experts_kernel),
                                   config.capacity_factor, config.dropout)
 
     def forward(self, x, rope, kv_cache: KVCache | SlidingWindowKVCache | None = None,

@@ -1,14 +1,17 @@
 """Speed of the GPU layers and kernels, each against what it replaces (CUDA only; their results are
 checked by `python -m pytest -m cuda`):
 
-- moe:    the MoE layer's forward + backward, per-expert loop vs grouped GEMM, eager vs compiled
-          (16,384 tokens, d=512, 8 experts x 1024, top-2, bf16 autocast);
+- moe:    the MoE layer's forward + backward, per-expert loop vs grouped GEMM vs the Triton kernels
+          (smolhub.kernels.moe), eager vs compiled (16,384 tokens, d=512, 8 experts x 1024, top-2,
+          bf16 autocast);
+- moe_tune: each of the Triton MoE kernels' launches alone, TFLOP/s for each candidate launch
+          configuration (the best go into smolhub.kernels.moe's CONFIGS);
 - window: sliding-window attention, FlexAttention vs SDPA with a boolean mask vs plain causal SDPA;
 - rope:   the fused q/k/v RoPE kernel's bandwidth, each way;
 - loss:   the head + cross-entropy kernel's bandwidth per launch configuration, and the fused op's
           forward + backward time and peak memory against compiled F.linear + F.cross_entropy.
 
-    python -m benchmarks.layer_speed                     # all four, ~1 min on an H100
+    python -m benchmarks.layer_speed                     # all of them, a few minutes on an H100
     python -m benchmarks.layer_speed --parts loss rope --json layer_speed.json
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import statistics
 
 import torch
 
-PARTS = ("moe", "window", "rope", "loss")
+PARTS = ("moe", "moe_tune", "window", "rope", "loss")
 
 
 def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -56,13 +59,13 @@ def time_moe(tokens: int) -> dict:
         rows[f"{name}: ms"] = ms
         rows[f"{name}: TFLOP/s"] = flops / ms / 1e9
 
-    for grouped in (False, True):
+    for kernel in ("loop", "grouped_mm", "triton"):
         for compiled in (False, True):
             torch._dynamo.reset()
             torch.manual_seed(0)
-            layer = MoEFeedForward(SoftmaxTopKRouter(d, E, k), GroupedExperts(E, d, hidden, use_grouped_mm=grouped))
+            layer = MoEFeedForward(SoftmaxTopKRouter(d, E, k), GroupedExperts(E, d, hidden, kernel=kernel))
             layer = layer.cuda().train()
-            fn = torch.compile(layer, fullgraph=grouped) if compiled else layer
+            fn = torch.compile(layer, fullgraph=kernel != "loop") if compiled else layer
 
             def step():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -70,7 +73,7 @@ def time_moe(tokens: int) -> dict:
                     loss = (y.float() * g).sum() + layer.aux["balance"] + layer.aux["z"]
                 loss.backward()
 
-            record(f"{'grouped' if grouped else 'loop'}, {'compiled' if compiled else 'eager'}", step)
+            record(f"{kernel}, {'compiled' if compiled else 'eager'}", step)
 
     torch._dynamo.reset()
     gate_up = torch.randn(d, 2 * k * hidden, device="cuda", requires_grad=True)
@@ -103,6 +106,61 @@ def time_moe(tokens: int) -> dict:
         matmuls(sorted_rows).backward(grad)
 
     record("grouped matmuls + SwiGLU alone (sorted, balanced rows), compiled", matmuls_step)
+    return rows
+
+
+MOE_ROW_CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 64, 64, 8, 3),
+                      (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 4)]
+MOE_WEIGHT_GRAD_CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                              (128, 256, 64, 8, 3), (64, 64, 128, 4, 3)]
+
+
+def tune_moe_kernels(tokens: int) -> dict:
+    """TFLOP/s of each launch of smolhub.kernels.moe alone, for each candidate (BLOCK_M or P, BLOCK_N or Q,
+    BLOCK_K, num_warps, num_stages), on balanced random routing at the MoE part's sizes, bf16."""
+    from smolhub.kernels import moe as kernels
+
+    d, hidden, E, k = 512, 1024, 8, 2
+    M = tokens * k
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, grad_out = torch.randn(tokens, d, **bf16), torch.randn(M, d, **bf16)
+    gate_up, down = torch.randn(E, d, 2 * hidden, **bf16) * 0.05, torch.randn(E, hidden, d, **bf16) * 0.05
+    expert_idx = torch.rand(tokens, E, device="cuda").topk(k, dim=-1).indices
+    order = expert_idx.reshape(-1).argsort(stable=True).to(torch.int32)
+    ends = torch.bincount(expert_idx.reshape(-1), minlength=E).cumsum(0).to(torch.int32)
+    token_of = order // k
+    pre, act = torch.empty(M, 2 * hidden, **bf16), torch.empty(M, hidden, **bf16)
+    out, grad_pre, grad_rows = torch.empty(M, d, **bf16), torch.empty(M, 2 * hidden, **bf16), torch.empty(M, d, **bf16)
+    grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
+    launches = {  # name: (the launch, its FLOPs, its key in kernels.CONFIGS, the candidates)
+        "gate_up, SwiGLU epilogue (x gathered)": (lambda: kernels._rows(
+            x, token_of, gate_up, False, ends, kernels.SWIGLU, act, pre=pre), 2 * M * d * 2 * hidden,
+            kernels.SWIGLU, MOE_ROW_CANDIDATES),
+        "down (out scattered)": (lambda: kernels._rows(
+            act, None, down, False, ends, kernels.PLAIN, out, out_rows=order), 2 * M * hidden * d,
+            kernels.PLAIN, MOE_ROW_CANDIDATES),
+        "grad through down, SwiGLU backward (grad gathered)": (lambda: kernels._rows(
+            grad_out, order, down, True, ends, kernels.SWIGLU_BACKWARD, grad_pre, pre=pre), 2 * M * d * hidden,
+            kernels.SWIGLU_BACKWARD, MOE_ROW_CANDIDATES),
+        "grad x (scattered)": (lambda: kernels._rows(
+            grad_pre, None, gate_up, True, ends, kernels.PLAIN, grad_rows, out_rows=order), 2 * M * 2 * hidden * d,
+            kernels.PLAIN, MOE_ROW_CANDIDATES),
+        "grad down (grad gathered)": (lambda: kernels._weight_grad(act, None, grad_out, order, ends, grad_down),
+                                      2 * M * hidden * d, kernels.WEIGHT_GRAD, MOE_WEIGHT_GRAD_CANDIDATES),
+        "grad gate_up (x gathered)": (lambda: kernels._weight_grad(x, token_of, grad_pre, None, ends, grad_gate_up),
+                                      2 * M * d * 2 * hidden, kernels.WEIGHT_GRAD, MOE_WEIGHT_GRAD_CANDIDATES),
+    }
+    rows = {}
+    for name, (launch, flops, key, candidates) in launches.items():
+        default = kernels.CONFIGS[key]
+        for config in dict.fromkeys([default] + candidates):
+            kernels.CONFIGS[key] = config
+            label = f"{name} {config}{' (default)' if config == default else ''}: TFLOP/s"
+            try:
+                rows[label] = flops / cuda_time_ms(launch) / 1e9
+            except Exception as e:  # a configuration over the shared memory or register budget
+                print(f"  {label}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+        kernels.CONFIGS[key] = default
     return rows
 
 
@@ -183,14 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
     def n(tokens: int) -> int:
         return max(1, int(tokens * args.scale))
 
-    runs = {"moe": lambda: time_moe(n(16384)), "window": lambda: time_window(n(16), 1024, 512),
+    runs = {"moe": lambda: time_moe(n(16384)), "moe_tune": lambda: tune_moe_kernels(n(32768)),
+            "window": lambda: time_window(n(16), 1024, 512),
             "rope": lambda: time_rope(n(64)), "loss": lambda: time_loss(n(32768), 768, 50304)}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     results = {}
     for part in args.parts:
         results[part] = runs[part]()
         for name, value in results[part].items():
-            print(f"  {part:<7}{name:<66}{value:10.3f}", flush=True)
+            print(f"  {part:<9}{name:<90}{value:10.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **results}, f, indent=1)

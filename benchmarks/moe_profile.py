@@ -22,7 +22,8 @@ profiled time. Then:
   permutation     the experts module's own ops outside the matmuls and the combine: sort of the
                   assignments, offsets, repeat_interleave, permute_rows there and back
   grouped matmuls the two grouped-mm (or per-expert loop) matmuls, the SwiGLU between them and the
-                  casts of inputs and weights to the compute dtype
+                  casts of inputs and weights to the compute dtype; with --experts_kernel triton, the
+                  Triton kernels, which also do the gathers and scatters of the permutation
   combine         the experts' final weighting and sum over the k slots, and what the MoE layer does
                   around its router and experts (reshapes, adding the shared expert, dropout)
   balancing       switch/z-loss/sequence balance loss, StoryKimi's load counts, model.aux_loss() and
@@ -37,6 +38,7 @@ With --compile, inductor fuses across these regions and the labels do not surviv
 by kernel name pattern instead (it says so).
 
     python -m benchmarks.moe_profile --model SmolMixtral --batch 32 --seq_len 1024 --json out.json
+    python -m benchmarks.moe_profile --model SmolMixtral --batch 32 --seq_len 1024 --compile --experts_kernel triton
     python -m benchmarks.moe_profile --model SmolMixtral --device cpu --preset tiny
 """
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.train_throughput import kernel_category
+from smolhub.config import EXPERTS_KERNELS
 from smolhub.files import write_json
 
 MOE_MODELS = ("SmolMixtral", "StoryMixtral", "StoryKimi")
@@ -65,6 +68,7 @@ CAST_OPS = re.compile(r"^aten::(to|_to_copy|copy_)$|: ToCopyBackward\d$")
 MOE_KERNEL_CATEGORIES = [
     # CUTLASS's grouped GEMM behind torch's grouped_mm is named for its GroupProblemShape template
     ("grouped matmuls", r"grouped_mm|grouped_gemm|_grouped|GroupProblemShape"),
+    ("grouped matmuls", r"_rows_kernel|_weight_grad_kernel"),  # smolhub.kernels.moe (--experts_kernel triton)
     ("top-k", r"topk"),
     ("sort/permutation", r"sort|radix|scatter|gather|index|cumsum|repeat_interleave"),
     ("matmul", r"^aten::(mm|bmm|addmm|matmul)$"),  # on CPU the table is of operators, not kernels
@@ -76,13 +80,13 @@ def kernel_group(name: str) -> str:
                 None) or kernel_category(name)
 
 
-def build(name: str, preset: str, vocab_size: int, device: torch.device):
+def build(name: str, preset: str, vocab_size: int, device: torch.device, experts_kernel: str = "auto"):
     """The model at its default config (or preset), and the TrainConfig its trainer would use."""
     from smolhub.modeling import model_class
     from smolhub.train import parse_train_flags
 
     cls = model_class(name)
-    mcfg, cfg = parse_train_flags(cls, ["--preset", preset] if preset else [])
+    mcfg, cfg = parse_train_flags(cls, (["--preset", preset] if preset else []) + ["--experts_kernel", experts_kernel])
     # 32,000 is the throughput benchmark's vocabulary for these models; a preset's own BPE size otherwise
     mcfg.vocab_size = vocab_size or (cfg.bpe_vocab_size if preset else 32000)
     torch.manual_seed(0)
@@ -163,7 +167,8 @@ class Labeller:
                 self.hook(m, "dense FFN")
         for fn, part in [("top_k_indices", "top-k"), ("switch_balance_loss", "balancing"),
                          ("router_z_loss", "balancing"), ("permute_rows", "permutation"),
-                         ("inverse_permutation", "permutation"), ("_grouped_mm", "grouped matmuls")]:
+                         ("inverse_permutation", "permutation"), ("_grouped_mm", "grouped matmuls"),
+                         ("_scattered_experts_op", "grouped matmuls")]:
             self.wrap(moe, fn, part)
         if kimi:
             for fn, part in [("top_k_indices", "top-k"), ("sequence_balance_loss", "balancing"),
@@ -284,15 +289,17 @@ def run(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("no CUDA device here: pass --device cpu (with --preset tiny for a quick run)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    model, cfg = build(args.model, args.preset, args.vocab_size, device)
+    model, cfg = build(args.model, args.preset, args.vocab_size, device, args.experts_kernel)
     seq_len = args.seq_len or model.config.block_size
     if seq_len > model.config.block_size:
         raise UserError(f"--seq_len {seq_len} exceeds {args.model}'s block_size {model.config.block_size}")
-    if device.type == "cpu":
+    if device.type == "cpu" and args.experts_kernel == "auto":
+        from smolhub.layers import GroupedExperts
+
         # the GPU's path (grouped_mm runs on CPU in fp32): the profile is of what an H100 runs
         for m in model.modules():
-            if hasattr(m, "use_grouped_mm"):
-                m.use_grouped_mm = True
+            if isinstance(m, GroupedExperts):
+                m.kernel = "grouped_mm"
     step = make_step(model, cfg, device, args.batch, seq_len, args.compile)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
@@ -376,6 +383,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--vocab_size", type=int, default=0,
                    help="0 = 32,000 (the throughput benchmark's), or the preset's bpe_vocab_size.")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (kernel-group table only).")
+    p.add_argument("--experts_kernel", default="auto", choices=EXPERTS_KERNELS,
+                   help="The experts' path (the models' --experts_kernel); auto profiles grouped_mm on CPU too.")
     p.add_argument("--steps", type=int, default=5, help="Profiled steps.")
     p.add_argument("--warmup", type=int, default=2, help="Steps before profiling (compilation happens here).")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="Peak for MFU; 0 = H100 bf16 (989.5) on CUDA.")

@@ -33,6 +33,17 @@ def check_finite(cfg: Any) -> None:
             raise UserError(f"--{f.name} must be a finite number, got {value}")
 
 
+EXPERTS_KERNELS = ("auto", "grouped_mm", "triton", "loop")
+
+
+def experts_kernel_option() -> Any:
+    """The --experts_kernel field of the MoE models' configs (smolhub.layers.GroupedExperts)."""
+    return option("auto", "How the routed experts run: grouped_mm (torch's grouped GEMM; bf16 on an H100-class "
+                  "GPU), triton (smolhub/kernels/moe.py: the gathers and the SwiGLU inside the matmuls; CUDA), loop "
+                  "(the exact reference, one expert at a time), or auto (grouped_mm where it runs, else loop).",
+                  choices=EXPERTS_KERNELS)
+
+
 AUTO_BATCH = 0  # --batch_size auto: the largest micro-batch that fits, picked at start (smolhub/plan.py)
 
 
@@ -124,7 +135,7 @@ def check_rope(cfg: ModelConfig) -> None:
 class MoEConfig(ModelConfig):
     """The Mixtral-style sparse feed-forward that SmolMixtral and StoryMixtral share."""
 
-    training_fields = ModelConfig.training_fields | {"aux_loss_weight", "router_z_loss_weight"}
+    training_fields = ModelConfig.training_fields | {"aux_loss_weight", "router_z_loss_weight", "experts_kernel"}
 
     n_experts: int = option(8, "SwiGLU experts per MoE layer.")
     top_k: int = option(2, "Experts each token is routed to.")
@@ -135,6 +146,7 @@ class MoEConfig(ModelConfig):
                                          "(ST-MoE), averaged over layers; 0 = off.")
     capacity_factor: float = option(0.0, "Drop the lowest-weighted assignments beyond capacity_factor x "
                                     "tokens x top_k / n_experts per expert; 0 = drop nothing.")
+    experts_kernel: str = experts_kernel_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,5 +1,6 @@
 """Shared fixtures: paths to ../shared data, tiny models of every architecture, running SmolHub's
-scripts as a user would, and the `cuda` marker's skip where there is no GPU."""
+scripts as a user would, the `cuda` marker's skip where there is no GPU, and triton's interpreter
+where there is none."""
 import importlib
 import json
 import os
@@ -8,6 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in triton's interpreter, on CPU tensors (the `interpreted_triton`
+# fixture). It must be on before triton is first imported: triton.language's own jit functions
+# (tl.sum, tl.cdiv) are built for the mode of that moment.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -48,6 +56,15 @@ def tiny_model(architecture: str, **overrides):
     from smolhub.modeling import model_class
 
     return model_class(architecture)(tiny_config(architecture, **overrides))
+
+
+@pytest.fixture
+def interpreted_triton():
+    """Skips unless Triton kernels run here in triton's interpreter (a CPU machine with triton >= 3.9,
+    whose interpreter runs them); on a GPU the `cuda` tests run the compiled kernels instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run compiled here: see the cuda tests")
+    pytest.importorskip("triton", minversion="3.9", reason="triton >= 3.9's interpreter runs these kernels")
 
 
 @pytest.fixture(scope="module")

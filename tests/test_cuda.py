@@ -24,13 +24,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- mixture of experts -------------------------------------------------------------------------
 
-def moe_layer(grouped: bool, noisy: bool = False):
+FAST_EXPERTS = ["grouped_mm", "triton"]  # the GPU paths of GroupedExperts, each held to the "loop" reference
+
+
+def moe_layer(kernel: str, noisy: bool = False):
     """The MoE layer at StoryMixtral's width: d=512, 8 experts of 1024, top-2, in training mode."""
     from smolhub.layers import GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter
 
     torch.manual_seed(0)
     router = (NoisyTopKRouter if noisy else SoftmaxTopKRouter)(512, 8, 2)
-    return MoEFeedForward(router, GroupedExperts(8, 512, 1024, use_grouped_mm=grouped)).cuda().train()
+    return MoEFeedForward(router, GroupedExperts(8, 512, 1024, kernel=kernel)).cuda().train()
 
 
 def moe_loss(layer, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -46,9 +49,10 @@ def moe_inputs(tokens: int = 16384):
 
 
 @cuda
-def test_grouped_experts_equal_the_per_expert_loop():
-    """The grouped GEMM (chosen under bf16 autocast on sm90) against the loop, forward and every
-    gradient, in bf16 autocast over fp32 weights (the training setting)."""
+@pytest.mark.parametrize("kernel", FAST_EXPERTS)
+def test_grouped_experts_equal_the_per_expert_loop(kernel):
+    """The grouped GEMM (chosen under bf16 autocast on sm90) and the Triton kernels against the loop,
+    forward and every gradient, in bf16 autocast over fp32 weights (the training setting)."""
     from smolhub.layers.moe import grouped_mm_supported
 
     if torch.cuda.get_device_capability() >= (9, 0):
@@ -56,8 +60,8 @@ def test_grouped_experts_equal_the_per_expert_loop():
             assert grouped_mm_supported(torch.zeros(1, device="cuda"))
     x, g = moe_inputs()
     results = []
-    for grouped in (True, False):
-        layer = moe_layer(grouped)
+    for layer_kernel in (kernel, "loop"):
+        layer = moe_layer(layer_kernel)
         xi = x.detach().clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = layer(xi)
@@ -68,11 +72,12 @@ def test_grouped_experts_equal_the_per_expert_loop():
 
 
 @cuda
+@pytest.mark.parametrize("kernel", FAST_EXPERTS)
 @pytest.mark.parametrize("used", [[1, 4, 6], [2, 5]], ids=["idle-experts", "every-token-same-experts"])
-def test_grouped_experts_equal_the_loop_on_skewed_routing(used):
+def test_grouped_experts_equal_the_loop_on_skewed_routing(used, kernel):
     """Routing the router would rarely produce: three experts get every token (five get none), or every
-    token picks the same two. Grouped GEMM against the loop under bf16 autocast, output and gradients;
-    the idle experts' weight gradients are exactly zero."""
+    token picks the same two. Grouped GEMM and Triton kernels against the loop under bf16 autocast,
+    output and gradients; the idle experts' weight gradients are exactly zero."""
     from test_moe import routing
 
     from smolhub.layers import GroupedExperts
@@ -83,9 +88,9 @@ def test_grouped_experts_equal_the_loop_on_skewed_routing(used):
     x = torch.randn(tokens, 512, device="cuda", generator=gen)
     g = torch.randn(tokens, 512, device="cuda", generator=gen)
     results = []
-    for grouped in (True, False):
+    for experts_kernel in (kernel, "loop"):
         torch.manual_seed(0)
-        experts = GroupedExperts(8, 512, 1024, use_grouped_mm=grouped).cuda()
+        experts = GroupedExperts(8, 512, 1024, kernel=experts_kernel).cuda()
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = experts(xi, idx, wi)
@@ -99,12 +104,13 @@ def test_grouped_experts_equal_the_loop_on_skewed_routing(used):
 
 
 @cuda
+@pytest.mark.parametrize("kernel", FAST_EXPERTS)
 @pytest.mark.parametrize("noisy", [False, True], ids=["softmax-router", "noisy-router"])
-def test_moe_layer_compiles_as_one_graph(noisy):
+def test_moe_layer_compiles_as_one_graph(noisy, kernel):
     """Router, balancing losses and grouped experts compile with fullgraph=True, forward and backward,
     and the compiled gradients equal eager ones (noise aside) to bf16 rounding."""
     x, g = moe_inputs()
-    layer = moe_layer(grouped=True, noisy=noisy)
+    layer = moe_layer(kernel, noisy=noisy)
     torch._dynamo.reset()
     compiled = torch.compile(lambda inp: moe_loss(layer, inp, g), fullgraph=True)
     compiled(x).backward()
@@ -118,9 +124,10 @@ def test_moe_layer_compiles_as_one_graph(noisy):
 
 
 @cuda
+@pytest.mark.parametrize("kernel", FAST_EXPERTS)
 @pytest.mark.parametrize("name", ["SmolMixtral", "StoryMixtral"])
-def test_moe_model_training_step_has_no_graph_break(name):
-    model = tiny_model(name, vocab_size=32000).cuda().train()
+def test_moe_model_training_step_has_no_graph_break(name, kernel):
+    model = tiny_model(name, vocab_size=32000, experts_kernel=kernel).cuda().train()
     idx = torch.randint(0, 32000, (8, 128), device="cuda")
 
     def loss_of(i):

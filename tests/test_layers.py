@@ -201,3 +201,22 @@ def test_learned_positions_refuse_beyond_context():
     assert emb(10, 6).shape == (6, 8)
     with pytest.raises(ValueError, match="beyond the 16 learned positions"):
         emb(10, 7)
+
+
+def test_rotary_triton_kernel_equals_the_torch_rotation_in_the_interpreter(interpreted_triton):
+    """smolhub.kernels.rotary (the CUDA path of rotary_qkv) under triton's interpreter, both ways."""
+    from smolhub.kernels.rotary import rotary_qkv as kernel_rotary_qkv
+    from smolhub.kernels.rotary import rotary_qkv_backward
+    from smolhub.layers.positions import _rotate_halves
+
+    B, T, H, KV, D = 2, 8, 4, 2, 16
+    cos, sin = RotaryEmbedding(D, T)(0, T)
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, generator=torch.Generator().manual_seed(0))
+    q, k, v = qkv.view(B, T, H + 2 * KV, D).split([H, KV, KV], dim=2)
+    got = kernel_rotary_qkv(qkv, cos, sin, H, KV)
+    for a, b in zip(got, (_rotate_halves(q, cos, sin, False), _rotate_halves(k, cos, sin, False), v)):
+        torch.testing.assert_close(a, b)
+    grads = [torch.randn_like(t) for t in got]
+    expected = torch.cat([_rotate_halves(grads[0], cos, sin, True), _rotate_halves(grads[1], cos, sin, True),
+                          grads[2]], dim=2).flatten(2)
+    torch.testing.assert_close(rotary_qkv_backward(*grads, cos, sin), expected)

@@ -1,10 +1,13 @@
-"""Mixture-of-experts layers: grouped dispatch against the loop, routers, balancing losses, capacity."""
+"""Mixture-of-experts layers: grouped dispatch and the Triton kernels against the loop, routers,
+balancing losses, capacity."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_model
+from smolhub.errors import UserError
 from smolhub.layers import GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter, moe_aux_loss
 from smolhub.layers.moe import (drop_over_capacity, expert_counts, inverse_permutation, permute_rows, router_z_loss,
                                switch_balance_loss, top_k_indices)
@@ -37,7 +40,7 @@ def routing(n_tokens, n_experts, k, used, seed):
 
 def test_loop_path_matches_per_token_reference():
     torch.manual_seed(0)
-    experts = GroupedExperts(4, 16, 24, use_grouped_mm=False).double()
+    experts = GroupedExperts(4, 16, 24, kernel="loop").double()
     x = torch.randn(13, 16, dtype=torch.float64)
     idx, w = routing(13, 4, 2, [0, 1, 3], seed=0)
     torch.testing.assert_close(experts(x, idx, w.double()), per_token_reference(experts, x, idx, w.double()))
@@ -52,24 +55,85 @@ def test_grouped_mm_equals_loop_forward_and_backward(dtype, used):
     idx, w = routing(37, 6, 2, used, seed=len(used))
     x = torch.randn(37, 32)
     results = []
-    for grouped in (True, False):
-        experts = GroupedExperts(6, 32, 48, use_grouped_mm=grouped)
-        torch.manual_seed(2)
-        experts.reset_parameters(std=0.2)
-        experts.to(dtype)
-        xi = x.to(dtype).requires_grad_()
-        wi = w.to(dtype).requires_grad_()
-        out = experts(xi, idx, wi)
-        # a non-uniform upstream gradient, plus .sum() whose gradient is expanded (see PITFALLS)
-        (out * torch.linspace(-1, 1, 32, dtype=dtype)).sum().backward(retain_graph=True)
-        out.sum().backward()
-        results.append([out, xi.grad, wi.grad, experts.gate_up.grad, experts.down.grad])
+    results = [run_experts(kernel, x, idx, w, dtype) for kernel in ("grouped_mm", "loop")]
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for grouped, loop in zip(*results):
         torch.testing.assert_close(grouped.float(), loop.float(), **tol)
     unused = [e for e in range(6) if e not in used]
     for grad in results[0][3:]:
         assert grad[unused].abs().sum() == 0 and grad[used].abs().sum() > 0
+
+
+def run_experts(kernel, x, idx, w, dtype=torch.float32, n_experts=6, hidden=48):
+    """[output, and the gradients of x, the routing weights, gate_up and down] of GroupedExperts
+    with the given kernel and seeded weights, under a non-uniform upstream gradient plus .sum(),
+    whose gradient is expanded (see PITFALLS)."""
+    experts = GroupedExperts(n_experts, x.size(1), hidden, kernel=kernel)
+    torch.manual_seed(2)
+    experts.reset_parameters(std=0.2)
+    experts.to(dtype)
+    xi = x.to(dtype).requires_grad_()
+    wi = w.to(dtype).requires_grad_()
+    out = experts(xi, idx, wi)
+    (out * torch.linspace(-1, 1, x.size(1), dtype=dtype)).sum().backward(retain_graph=True)
+    out.sum().backward()
+    return [out, xi.grad, wi.grad, experts.gate_up.grad, experts.down.grad]
+
+
+@pytest.mark.parametrize("dim,tokens", [(32, 37), (64, 300)], ids=["ragged-blocks", "several-tiles-an-expert"])
+@pytest.mark.parametrize("used", [[0, 1, 2, 3, 4, 5], [1, 4, 5], [2, 3]], ids=["all", "3-of-6", "2-of-6"])
+def test_triton_kernels_equal_loop_forward_and_backward(interpreted_triton, dim, tokens, used):
+    """The Triton path (gathers, SwiGLU and scatter inside the matmuls) == the per-expert loop, output
+    and every gradient, in fp32 under the interpreter, to fp32 rounding of the largest entry: with experts that get no tokens (zero weight
+    gradients), every token on the same two experts, a width below one K block (masked) and one of
+    exact blocks, and experts with more rows than one tile."""
+    torch.manual_seed(1)
+    idx, w = routing(tokens, 6, 2, used, seed=len(used))
+    x = torch.randn(tokens, dim)
+    results = [run_experts(kernel, x, idx, w) for kernel in ("triton", "loop")]
+    for triton_result, loop in zip(*results):
+        assert (triton_result - loop).abs().max() <= 1e-6 * loop.abs().max()
+    unused = [e for e in range(6) if e not in used]
+    for grad in results[0][3:]:
+        assert grad[unused].abs().sum() == 0 and grad[used].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["SmolMixtral", "StoryMixtral", "StoryKimi"])
+def test_moe_models_take_the_triton_kernels_from_their_config(interpreted_triton, name):
+    """--experts_kernel reaches every MoE model's experts: a tiny model's training loss and gradients
+    with the Triton kernels equal those with the loop."""
+    results = []
+    for kernel in ("triton", "loop"):
+        torch.manual_seed(0)
+        model = tiny_model(name, experts_kernel=kernel).train()
+        idx = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1))
+        _, loss = model(idx, idx)
+        (loss + model.aux_loss()).backward()
+        results.append([loss] + [p.grad for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 10
+    for triton_result, loop in zip(*results):
+        assert (triton_result - loop).abs().max() <= 1e-5 * loop.abs().max()
+
+
+def test_triton_experts_op_passes_torch_opcheck(interpreted_triton):
+    """torch.library.opcheck on the custom op: its schema, fake (meta) shapes for torch.compile, and
+    autograd registration agree with what the kernels do."""
+    torch.manual_seed(3)
+    idx, _ = routing(20, 4, 2, [0, 1, 3], seed=3)
+    experts = GroupedExperts(4, 32, 16, kernel="triton")
+    order, ends = experts._sort(idx)
+    args = (torch.randn(20, 32, requires_grad=True), experts.gate_up.detach().clone().requires_grad_(),
+            experts.down.detach().clone().requires_grad_(), order.to(torch.int32), ends.to(torch.int32), 2)
+    torch.library.opcheck(torch.ops.smolhub.scattered_experts.default, args)
+
+
+def test_triton_kernel_without_cuda_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    idx, w = routing(5, 2, 1, [0, 1], seed=0)
+    with pytest.raises(UserError, match="needs a CUDA GPU and triton"):
+        GroupedExperts(2, 16, 16, kernel="triton")(torch.randn(5, 16, requires_grad=True), idx, w)
+    with pytest.raises(ValueError, match="not one of auto, grouped_mm, triton, loop"):
+        GroupedExperts(2, 16, 16, kernel="cutlass")
 
 
 def test_expert_counts_equal_bincount_with_idle_experts():
@@ -110,10 +174,10 @@ def test_decoding_without_gradients_matches_the_reference(n_tokens):
 
 def test_grouped_path_is_chosen_only_where_the_kernel_runs():
     experts = GroupedExperts(2, 16, 16)
-    assert experts.use_grouped_mm is None  # automatic: the loop on this CPU box
+    assert experts.kernel == "auto"  # the loop on this CPU box
     x = torch.randn(5, 16)
     idx, w = routing(5, 2, 1, [0, 1], seed=0)
-    reference = GroupedExperts(2, 16, 16, use_grouped_mm=False)
+    reference = GroupedExperts(2, 16, 16, kernel="loop")
     reference.load_state_dict(experts.state_dict())
     assert torch.equal(experts(x, idx, w), reference(x, idx, w))
 

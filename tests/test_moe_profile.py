@@ -31,6 +31,15 @@ def test_profile_attributes_the_whole_step_to_the_model_parts(model, extra_parts
     assert {name: getattr(moe, name) for name in originals} == originals  # the labels are gone after the profile
 
 
+def test_profile_of_the_triton_experts_counts_their_kernels_as_grouped_matmuls(interpreted_triton):
+    r = moe_profile.main(["--model", "SmolMixtral", "--device", "cpu", "--preset", "tiny", "--batch", "4",
+                          "--steps", "1", "--warmup", "1", "--experts_kernel", "triton"])
+    parts = r["parts_ms"]
+    assert parts["grouped matmuls"] > 0
+    assert any("scattered_experts" in name for name, _ in r["top_kernels_ms"]), r["top_kernels_ms"]
+    assert sum(parts.values()) == pytest.approx(r["kernels_ms"], rel=1e-6)
+
+
 def active_params(model: str, words: list[str]) -> int:
     """The arm's model as its trainer builds it at GPT-2's vocabulary (the specs' tokenizer), counted on meta."""
     cls = model_class(model)

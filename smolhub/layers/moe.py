@@ -8,10 +8,15 @@ Everything stays tensor-shaped (no `.item()`, no Python branch on data) on the g
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from smolhub.config import EXPERTS_KERNELS
+from smolhub.errors import UserError
+from smolhub.kernels import triton_available
 
 # F.grouped_mm is the public name from torch 2.10 on; torch._grouped_mm is the same kernel before.
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -84,21 +89,85 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> 
     return _PermuteRows.apply(x, perm, inverse)
 
 
+def scattered_kernels_run(x: torch.Tensor) -> bool:
+    """Whether smolhub.kernels.moe runs on x: CUDA with triton, or triton's interpreter
+    (TRITON_INTERPRET=1, set before triton is imported), which runs the kernels on CPU tensors, slowly."""
+    if triton_available(x):
+        return True
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.library.custom_op("smolhub::scattered_experts", mutates_args=())
+def _scattered_experts_op(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, order: torch.Tensor,
+                          expert_ends: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from smolhub.kernels.moe import scattered_experts
+
+    return scattered_experts(x, gate_up, down, order, expert_ends, k)
+
+
+@_scattered_experts_op.register_fake
+def _(x, gate_up, down, order, expert_ends, k):
+    hidden = down.size(1)
+    return x.new_empty(order.numel(), down.size(2)), x.new_empty(order.numel(), 2 * hidden), \
+        x.new_empty(order.numel(), hidden)
+
+
+@torch.library.custom_op("smolhub::scattered_experts_backward", mutates_args=())
+def _scattered_experts_backward_op(grad_out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor,
+                                   down: torch.Tensor, order: torch.Tensor, expert_ends: torch.Tensor, k: int,
+                                   pre: torch.Tensor, act: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from smolhub.kernels.moe import scattered_experts_backward
+
+    return scattered_experts_backward(grad_out, x, gate_up, down, order, expert_ends, k, pre, act)
+
+
+@_scattered_experts_backward_op.register_fake
+def _(grad_out, x, gate_up, down, order, expert_ends, k, pre, act):
+    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
+
+
+def _scattered_experts_setup(ctx, inputs, output):
+    x, gate_up, down, order, expert_ends, ctx.k = inputs
+    ctx.save_for_backward(x, gate_up, down, order, expert_ends, output[1], output[2])
+
+
+def _scattered_experts_grad(ctx, grad_out, grad_pre, grad_act):
+    x, gate_up, down, order, expert_ends, pre, act = ctx.saved_tensors
+    grads = _scattered_experts_backward_op(grad_out, x, gate_up, down, order, expert_ends, ctx.k, pre, act)
+    return *grads, None, None, None
+
+
+_scattered_experts_op.register_autograd(_scattered_experts_grad, setup_context=_scattered_experts_setup)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: expert e is down_e(silu(x W_gate,e) * x W_up,e).
 
     gate_up[e] is (dim, 2*hidden) = [W_gate,e | W_up,e] and down[e] is (hidden, dim), so the whole
-    layer is two 3-D parameters and two grouped matmuls. `use_grouped_mm` forces a path (None =
-    grouped where `grouped_mm_supported`, the exact per-expert loop elsewhere). Without gradients,
-    up to `dense_max_tokens` tokens (a decode step) run every expert instead (`_dense`).
+    layer is two 3-D parameters. `kernel` picks how a batch runs through them:
+    - "grouped_mm": the assignments copied into expert order, two torch grouped matmuls, copied back;
+    - "triton": smolhub.kernels.moe, whose matmuls read and write the rows where they lie and apply
+      the SwiGLU in their epilogue (CUDA, or triton's interpreter);
+    - "loop": the exact reference, each expert on its rows in turn, any device and dtype;
+    - "auto": "grouped_mm" where `grouped_mm_supported`, else "loop".
+    Without gradients, up to `dense_max_tokens` tokens (a decode step) run every expert instead (`_dense`).
     """
 
     dense_max_tokens = 64
 
-    def __init__(self, n_experts: int, dim: int, hidden: int, use_grouped_mm: bool | None = None):
+    def __init__(self, n_experts: int, dim: int, hidden: int, kernel: str = "auto"):
         super().__init__()
+        if kernel not in EXPERTS_KERNELS:
+            raise ValueError(f"experts kernel {kernel!r} is not one of {', '.join(EXPERTS_KERNELS)}")
         self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
-        self.use_grouped_mm = use_grouped_mm
+        self.kernel = kernel
         self.gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.down = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.reset_parameters()
@@ -113,8 +182,32 @@ class GroupedExperts(nn.Module):
         """x (N, dim), expert_idx (N, k) long, weights (N, k) -> sum_k weights[:, k] * expert_idx[:, k](x)."""
         if x.size(0) <= self.dense_max_tokens and not torch.is_grad_enabled():
             return self._dense(x, expert_idx, weights)
-        grouped = self.use_grouped_mm if self.use_grouped_mm is not None else grouped_mm_supported(x)
-        return self._grouped(x, expert_idx, weights) if grouped else self._loop(x, expert_idx, weights)
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = "grouped_mm" if grouped_mm_supported(x) else "loop"
+        if kernel == "triton":
+            if not scattered_kernels_run(x):
+                raise UserError("--experts_kernel triton needs a CUDA GPU and triton: "
+                                "use --experts_kernel auto, grouped_mm or loop")
+            return self._scattered(x, expert_idx, weights)
+        return self._grouped(x, expert_idx, weights) if kernel == "grouped_mm" else self._loop(x, expert_idx, weights)
+
+    def _sort(self, expert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, ends): the N*k assignments grouped by expert, and where each expert's group ends
+        (an expert without tokens gets an empty group)."""
+        # a stable sort on the narrowest key that holds an expert index: the radix sort makes one
+        # pass per key byte (eight for int64)
+        flat = expert_idx.reshape(-1)
+        order = flat.to(torch.uint8 if self.n_experts <= 256 else torch.int32).argsort(stable=True)
+        return order, expert_counts(expert_idx, self.n_experts).cumsum(dim=0)
+
+    def _scattered(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, k = expert_idx.shape
+        dtype = _autocast_dtype(x)
+        order, ends = self._sort(expert_idx)
+        out, _, _ = _scattered_experts_op(x.to(dtype), self.gate_up.to(dtype), self.down.to(dtype),
+                                          order.to(torch.int32), ends.to(torch.int32), k)
+        return (out.view(N, k, self.dim) * weights.to(dtype).unsqueeze(-1)).sum(dim=1)
 
     def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = h.split(self.hidden, dim=-1)
@@ -123,14 +216,9 @@ class GroupedExperts(nn.Module):
     def _grouped(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = expert_idx.shape
         dtype = _autocast_dtype(x)
-        flat = expert_idx.reshape(-1)
-        # the N*k assignments grouped by expert, by a stable sort on the narrowest key that holds an
-        # expert index: the radix sort makes one pass per key byte (eight for int64)
-        order = flat.to(torch.uint8 if self.n_experts <= 256 else torch.int32).argsort(stable=True)
+        order, ends = self._sort(expert_idx)
         position = inverse_permutation(order)  # where each assignment sits in `order`
-        # offsets[e] = end of expert e's rows = number of assignments to experts <= e (int32 for the
-        # kernel); an expert without tokens gets an empty group
-        offsets = expert_counts(expert_idx, self.n_experts).cumsum(dim=0).to(torch.int32)
+        offsets = ends.to(torch.int32)
         rows = permute_rows(x.to(dtype).repeat_interleave(k, dim=0), order, position)
         h = _grouped_mm(rows, self.gate_up.to(dtype), offs=offsets)
         out = _grouped_mm(self._swiglu(h), self.down.to(dtype), offs=offsets)
