@@ -1,5 +1,6 @@
 """Hand-written Triton kernels for CUDA, each beside a pure-torch path that runs everywhere else.
-The kernel modules are imported only when a CUDA tensor needs them, so CPU installs never import triton."""
+The kernel modules are imported only when a CUDA tensor needs them (or triton's interpreter runs them
+on the CPU, as the tests do), so CPU installs never import triton."""
 import torch
 
 

@@ -38,7 +38,7 @@ def _expert_rows(expert, expert_ends_ptr):
 
 
 @triton.jit
-def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, tile_ends_ptr, expert_ends_ptr,
+def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, expert_ends_ptr,
                  K, N, stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_pm,
                  N_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr, GATHER: tl.constexpr,
                  SCATTER: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr,
@@ -50,12 +50,20 @@ def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, tile_
     silu(gate) * up, and out gets the gradients of both halves of pre, side by side. PLAIN: out gets
     the product, at row out_rows[row] with SCATTER."""
     tile = tl.program_id(0)
+    # which expert's rows this tile holds: every program counts the experts' tiles itself (E values),
+    # which saves the launches of a tile table per matmul
     experts = tl.arange(0, EXPERTS_POW2)
-    tile_ends = tl.load(tile_ends_ptr + experts, mask=experts < N_EXPERTS, other=2**30)
+    valid = experts < N_EXPERTS
+    ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
+    starts = tl.load(expert_ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
+    tiles = tl.where(valid, tl.cdiv(ends - starts, BLOCK_M), 0)
+    tile_ends = tl.where(valid, tl.cumsum(tiles, axis=0), 2**30)
     expert = tl.sum((tile_ends <= tile).to(tl.int32), axis=0)
     if expert < N_EXPERTS:
-        start, end = _expert_rows(expert, expert_ends_ptr)
-        first_tile = tl.load(tile_ends_ptr + expert) - tl.cdiv(end - start, BLOCK_M)
+        mine = experts == expert
+        start = tl.sum(tl.where(mine, starts, 0), axis=0)
+        end = tl.sum(tl.where(mine, ends, 0), axis=0)
+        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
         rows = start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < end
         if GATHER:
@@ -148,11 +156,9 @@ def _rows(a: torch.Tensor, a_rows: torch.Tensor | None, w: torch.Tensor, transpo
     stride_we, stride_wk, stride_wn = w.stride(0), *(w.stride()[1:] if not transpose_w else w.stride()[:0:-1])
     K = w.size(2) if transpose_w else w.size(1)
     N = pre.size(1) // 2 if epilogue != PLAIN else out.size(1)
-    counts = torch.diff(expert_ends, prepend=expert_ends.new_zeros(1))
-    tile_ends = ((counts + block_m - 1) // block_m).cumsum(0).to(torch.int32)
     grid = (triton.cdiv(n_rows, block_m) + n_experts, triton.cdiv(N, block_n))
     _rows_kernel[grid](
-        a, a_rows, w, out, out_rows, pre, tile_ends, expert_ends, K, N, a.stride(0), a.stride(1),
+        a, a_rows, w, out, out_rows, pre, expert_ends, K, N, a.stride(0), a.stride(1),
         stride_we, stride_wk, stride_wn, out.stride(0), pre.stride(0) if pre is not None else 0,
         N_EXPERTS=n_experts, EXPERTS_POW2=triton.next_power_of_2(n_experts), GATHER=a_rows is not None,
         SCATTER=out_rows is not None, EPILOGUE=epilogue, EVEN_K=K % block_k == 0,
