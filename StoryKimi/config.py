@@ -9,6 +9,7 @@ from smolhub.errors import UserError
 class StoryKimiConfig(ModelConfig):
     training_fields = ModelConfig.training_fields | {"qk_clip_threshold", "bias_update_rate", "seq_aux_loss_weight",
                                                      "experts_kernel"}
+    compute_fields = ModelConfig.compute_fields | {"experts_kernel"}
 
     block_size: int = option(512, "Context length in tokens.")
     n_layer: int = option(12, "Number of transformer blocks.")

@@ -183,7 +183,7 @@ def load_checkpoint(path_or_repo: str, device: str | torch.device = "cpu") -> Lo
     folder = resolve_checkpoint(path_or_repo)
     config = read_config(folder)
     cls = model_class(config["architecture"])
-    model = cls(cls.config_class.from_dict(config["model"]))
+    model = cls(cls.config_class.for_inference(config["model"]))
     if weights_file(folder).name == ADAPTER_WEIGHTS:
         model.load_state_dict(merged_adapter(folder, config).state_dict())
     else:

@@ -69,6 +69,8 @@ class ModelConfig:
     # Fields that shape how the weights are trained, not the function they compute: a run started
     # with --init_from sets them like any training flag (see reconcile_with_checkpoint).
     training_fields = frozenset({"dropout", "grad_checkpointing", "bf16_residual"})
+    # how, not what, the model computes: a resumed run and a loaded checkpoint take this run's or the default
+    compute_fields = frozenset({"grad_checkpointing"})
 
     vocab_size: int = option(0, "Embedding rows; 0 = the tokenizer's size padded to a multiple of 64.")
     block_size: int = option(512, "Context length in tokens.")
@@ -110,6 +112,13 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def for_inference(cls, d: dict) -> "ModelConfig":
+        """A checkpoint's config (from_dict) to run the model on this machine: its compute_fields at
+        their defaults (a run trained with --experts_kernel triton on a GPU still loads on a CPU)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return dataclasses.replace(cls.from_dict(d), **{name: fields[name].default for name in cls.compute_fields})
+
+    @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -136,6 +145,7 @@ class MoEConfig(ModelConfig):
     """The Mixtral-style sparse feed-forward that SmolMixtral and StoryMixtral share."""
 
     training_fields = ModelConfig.training_fields | {"aux_loss_weight", "router_z_loss_weight", "experts_kernel"}
+    compute_fields = ModelConfig.compute_fields | {"experts_kernel"}
 
     n_experts: int = option(8, "SwiGLU experts per MoE layer.")
     top_k: int = option(2, "Experts each token is routed to.")
@@ -315,7 +325,8 @@ def reconcile_with_checkpoint(mcfg: ModelConfig, cfg: TrainConfig, explicit: Col
     TrainConfig it was trained with), and the lines to log about them.
 
     --resume continues that run as it was trained: every field is the checkpoint's except those of
-    INVOCATION_FIELDS, grad_checkpointing (the same math in less memory) and --max_steps, whose
+    INVOCATION_FIELDS, the model's compute_fields (the same math, e.g. grad_checkpointing's in less
+    memory, or another experts kernel) and --max_steps, whose
     steps past the checkpoint's schedule train at its end (schedule_steps keeps the horizon).
     --init_from starts a new run from its weights: the architecture and tokenizer are the
     checkpoint's, and what trains them (training_fields and every TrainConfig field) is this run's.
@@ -324,7 +335,7 @@ def reconcile_with_checkpoint(mcfg: ModelConfig, cfg: TrainConfig, explicit: Col
     explicit = set(explicit)
     config_class = type(mcfg)
     ckpt_model = config_class.from_dict(config["model"]).to_dict()
-    keep = {"grad_checkpointing"} if cfg.resume else config_class.training_fields
+    keep = config_class.compute_fields if cfg.resume else config_class.training_fields
     conflicts = [(name, getattr(mcfg, name), value) for name, value in ckpt_model.items()
                  if name in explicit - keep and getattr(mcfg, name) != value
                  and not (name == "vocab_size" and mcfg.vocab_size == 0)]  # 0: whatever the tokenizer needs

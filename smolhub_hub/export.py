@@ -181,7 +181,7 @@ def import_transformers_folder(folder: str | Path, out_dir: str | Path) -> Path:
     _fresh_target(out_dir)
     arch = smolhub["architecture"]
     cls, adapter = model_class(arch), adapter_for(arch)
-    cfg = cls.config_class.from_dict(smolhub["model"])
+    cfg = cls.config_class.for_inference(smolhub["model"])
     if adapter.REMOTE_CODE:
         # our own layout: read the tensors instead of running the folder's code
         weights = load_file(str(folder / "model.safetensors"))

@@ -319,3 +319,18 @@ def test_trainer_init_from_applies_dropout_and_lr_and_refuses_architecture(base,
                                       "--tokenizer", "gpt2"), LLAMA, tmp_path, check=False)
     one_line_error(proc, f"--init_from {ckpt} keeps the checkpoint's architecture and tokenizer",
                    "--n_layer 3 (checkpoint: 2)", "--tokenizer gpt2 (checkpoint: its own tokenizer)")
+
+
+@pytest.mark.parametrize("model", ["SmolMixtral", "StoryKimi"])
+def test_experts_kernel_is_this_runs_on_resume_and_the_default_on_load(model):
+    """--experts_kernel says how, not what, the experts compute: a run trained with the Triton kernels
+    resumes with another kernel, and its checkpoint loads for inference (or export) with the default,
+    so a CPU without triton runs it."""
+    mcfg, cfg = parse("--preset", "tiny", "--dataset", "books.txt", "--experts_kernel", "triton", model=model)
+    mcfg.vocab_size = 512
+    config = {"architecture": model, "model": mcfg.to_dict(), "meta": {"step": 40}}
+    resumed, _, _ = reconcile(parse("--resume", "--experts_kernel", "grouped_mm", model=model), config,
+                              dataclasses.asdict(cfg))
+    assert resumed == dataclasses.replace(mcfg, experts_kernel="grouped_mm")
+    loaded = type(mcfg).for_inference(config["model"])
+    assert loaded == dataclasses.replace(mcfg, experts_kernel="auto")
