@@ -49,7 +49,9 @@ def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, exper
     (for backward) and out gets silu(gate) * up. SWIGLU_BACKWARD: the accumulator is the gradient of
     silu(gate) * up, and out gets the gradients of both halves of pre, side by side. PLAIN: out gets
     the product, at row out_rows[row] with SCATTER."""
-    tile = tl.program_id(0)
+    # the column tiles of one row tile are neighbours in launch order: running together, they read
+    # that tile of `a` from HBM about once, and the expert's weights (a few MB) stay in L2
+    tile = tl.program_id(1)
     # which expert's rows this tile holds: every program counts the experts' tiles itself (E values),
     # which saves the launches of a tile table per matmul
     experts = tl.arange(0, EXPERTS_POW2)
@@ -70,7 +72,7 @@ def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, exper
             src = tl.load(a_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         else:
             src = rows.to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
@@ -119,10 +121,12 @@ def _weight_grad_kernel(a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, out_ptr, expert_en
                         BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[e] = a[a_rows[rows of e]]^T @ b[b_rows[rows of e]], (P, Q) for each expert e; zero for an
     expert without rows."""
-    expert = tl.program_id(0)
+    # launch order: q tiles, then p tiles, then experts, so that the programs running together share
+    # an expert's rows and read them from HBM about once
+    expert = tl.program_id(2)
     start, end = _expert_rows(expert, expert_ends_ptr)
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    qs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qs = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_mask, q_mask = ps < P, qs < Q
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
@@ -156,7 +160,7 @@ def _rows(a: torch.Tensor, a_rows: torch.Tensor | None, w: torch.Tensor, transpo
     stride_we, stride_wk, stride_wn = w.stride(0), *(w.stride()[1:] if not transpose_w else w.stride()[:0:-1])
     K = w.size(2) if transpose_w else w.size(1)
     N = pre.size(1) // 2 if epilogue != PLAIN else out.size(1)
-    grid = (triton.cdiv(n_rows, block_m) + n_experts, triton.cdiv(N, block_n))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(n_rows, block_m) + n_experts)
     _rows_kernel[grid](
         a, a_rows, w, out, out_rows, pre, expert_ends, K, N, a.stride(0), a.stride(1),
         stride_we, stride_wk, stride_wn, out.stride(0), pre.stride(0) if pre is not None else 0,
@@ -170,7 +174,7 @@ def _weight_grad(a: torch.Tensor, a_rows: torch.Tensor | None, b: torch.Tensor, 
     """out[e] = a[rows of e]^T @ b[rows of e] for every expert e of out (E, P, Q)."""
     block_p, block_q, block_k, num_warps, num_stages = CONFIGS[WEIGHT_GRAD]
     n_experts, P, Q = out.shape
-    grid = (n_experts, triton.cdiv(P, block_p), triton.cdiv(Q, block_q))
+    grid = (triton.cdiv(Q, block_q), triton.cdiv(P, block_p), n_experts)
     _weight_grad_kernel[grid](
         a, a_rows, b, b_rows, out, expert_ends, P, Q, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), GATHER_A=a_rows is not None, GATHER_B=b_rows is not None,
