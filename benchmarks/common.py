@@ -136,6 +136,14 @@ def pairs() -> dict[str, Pair]:
         "StoryMixtral": Pair("StoryMixtral", 1024, ours("StoryMixtral", 32000), hf_mixtral_like,
                              "HF MixtralForCausalLM"),
         "StoryKimi": Pair("StoryKimi", 512, ours("StoryKimi", 32000), hf_deepseek_like, "HF DeepseekV3ForCausalLM"),
+        # the MoE models with their experts in smolhub.kernels.moe's Triton kernels (--experts_kernel triton)
+        "SmolMixtral-triton": Pair("SmolMixtral-triton", 1024, ours("SmolMixtral", 32000, experts_kernel="triton"),
+                                   hf_mixtral_like, "HF MixtralForCausalLM"),
+        "StoryMixtral-triton": Pair("StoryMixtral-triton", 1024,
+                                    ours("StoryMixtral", 32000, experts_kernel="triton"), hf_mixtral_like,
+                                    "HF MixtralForCausalLM"),
+        "StoryKimi-triton": Pair("StoryKimi-triton", 512, ours("StoryKimi", 32000, experts_kernel="triton"),
+                                 hf_deepseek_like, "HF DeepseekV3ForCausalLM"),
     }
 
 

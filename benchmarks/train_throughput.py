@@ -30,7 +30,7 @@ from benchmarks.common import free, nanogpt_like, pairs
 # kernel fusing several concerns counts for the first listed.
 KERNEL_CATEGORIES = [
     ("attention", r"flash|fmha|sdpa|attention|cudnn"),
-    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|_mm_|grouped_mm"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|_mm_|grouped_mm|_rows_kernel|_weight_grad_kernel"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("norm", r"rms_norm|layer_norm|rsqrt|var_mean"),
     ("cross-entropy", r"log_softmax|nll_loss|logsumexp|cross_entropy"),
