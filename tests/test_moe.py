@@ -1,12 +1,16 @@
 """Mixture-of-experts layers: grouped dispatch and the Triton kernels against the loop, routers,
 balancing losses, capacity."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 from smolhub.errors import UserError
 from smolhub.layers import GroupedExperts, MoEFeedForward, NoisyTopKRouter, SoftmaxTopKRouter, moe_aux_loss
 from smolhub.layers.moe import (drop_over_capacity, expert_counts, inverse_permutation, permute_rows, router_z_loss,
@@ -113,6 +117,29 @@ def test_moe_models_take_the_triton_kernels_from_their_config(interpreted_triton
     assert len(results[0]) == len(results[1]) > 10
     for triton_result, loop in zip(*results):
         assert (triton_result - loop).abs().max() <= 1e-5 * loop.abs().max()
+
+
+def test_triton_kernels_compile_for_an_h100_with_pipelined_loops():
+    """Every launch of a training step, compiled for sm_90 through the triton wheel's ptxas as the JIT
+    would specialise it (tests/triton_aot.py): the interpreter runs the kernels' Python, not what the
+    compiler accepts. Each uses wgmma, pipelines its loop (num_stages buffers of its A and B tiles in
+    shared memory), fits an H100's 227 KiB of shared memory a block and spills no registers."""
+    pytest.importorskip("triton", minversion="3.6")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "triton_aot.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launches = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(launch["kernel"], launch["flags"].get("SWIGLU_OUT"), launch["flags"].get("SWIGLU_GRAD"))
+            for launch in launches] == [("_rows_kernel", True, False), ("_rows_kernel", False, False),
+                                        ("_weight_grad_kernel", None, None), ("_rows_kernel", False, True),
+                                        ("_weight_grad_kernel", None, None), ("_rows_kernel", False, False)]
+    for launch in launches:
+        assert launch["wgmma"] and launch["spill_bytes"] == 0, launch
+        # an unpipelined loop keeps one buffer of its tiles (24-32 KiB at these blocks), a pipelined one
+        # num_stages (or num_stages - 1) of them
+        assert launch["num_stages"] == 3 and 64 * 1024 < launch["shared"] <= 227 * 1024, launch
 
 
 def test_triton_experts_op_passes_torch_opcheck(interpreted_triton):

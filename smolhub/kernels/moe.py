@@ -18,14 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-PLAIN, SWIGLU, SWIGLU_BACKWARD = 0, 1, 2  # what the row kernel does with its accumulator
-WEIGHT_GRAD = 3
+PLAIN, SWIGLU, SWIGLU_BACKWARD = 0, 1, 2  # what the row kernel does with its accumulator: its epilogue
+WEIGHT_GRAD = 3  # the weight-gradient kernel, in CONFIGS
 
 # Launch configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the row kernel for each
 # epilogue, and (BLOCK_P, BLOCK_Q, BLOCK_K, num_warps, num_stages) of the weight-gradient kernel;
-# `benchmarks.layer_speed --parts moe_tune` times the candidates. The SwiGLU forward keeps two
-# accumulators (gate and up), hence its narrower BLOCK_N.
-CONFIGS = {PLAIN: (128, 128, 64, 8, 3), SWIGLU: (128, 64, 64, 8, 3), SWIGLU_BACKWARD: (128, 128, 64, 8, 3),
+# `benchmarks.layer_speed --parts moe_tune` times the candidates. The SwiGLU epilogues hold twice the
+# accumulator's values (gate and up), hence their narrower BLOCK_N: at 128 the backward one spills
+# registers on sm_90 (tests/triton_aot.py).
+CONFIGS = {PLAIN: (128, 128, 64, 8, 3), SWIGLU: (128, 64, 64, 8, 3), SWIGLU_BACKWARD: (128, 64, 64, 8, 3),
            WEIGHT_GRAD: (128, 128, 64, 8, 3)}
 
 
@@ -41,13 +42,13 @@ def _expert_rows(expert, expert_ends_ptr):
 def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, expert_ends_ptr,
                  K, N, stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_pm,
                  N_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr, GATHER: tl.constexpr,
-                 SCATTER: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr,
+                 SCATTER: tl.constexpr, SWIGLU_OUT: tl.constexpr, SWIGLU_GRAD: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row] = epilogue(a[a_rows[row]] @ w[expert of row]) for BLOCK_M sorted rows of one expert.
 
-    SWIGLU: w holds [gate | up] side by side (up at column offset N); pre gets both halves
-    (for backward) and out gets silu(gate) * up. SWIGLU_BACKWARD: the accumulator is the gradient of
-    silu(gate) * up, and out gets the gradients of both halves of pre, side by side. PLAIN: out gets
+    SWIGLU_OUT: w holds [gate | up] side by side (up at column offset N); pre gets both halves
+    (for backward) and out gets silu(gate) * up. SWIGLU_GRAD: the accumulator is the gradient of
+    silu(gate) * up, and out gets the gradients of both halves of pre, side by side. Neither: out gets
     the product, at row out_rows[row] with SCATTER."""
     # the column tiles of one row tile are neighbours in launch order: running together, they read
     # that tile of `a` from HBM about once, and the expert's weights (a few MB) stay in L2
@@ -61,57 +62,58 @@ def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, exper
     tiles = tl.where(valid, tl.cdiv(ends - starts, BLOCK_M), 0)
     tile_ends = tl.where(valid, tl.cumsum(tiles, axis=0), 2**30)
     expert = tl.sum((tile_ends <= tile).to(tl.int32), axis=0)
-    if expert < N_EXPERTS:
-        mine = experts == expert
-        start = tl.sum(tl.where(mine, starts, 0), axis=0)
-        end = tl.sum(tl.where(mine, ends, 0), axis=0)
-        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
-        rows = start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < end
-        if GATHER:
-            src = tl.load(a_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    if expert >= N_EXPERTS:  # past the last tile
+        return
+    mine = experts == expert
+    start = tl.sum(tl.where(mine, starts, 0), axis=0)
+    end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
+    rows = start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    if GATHER:
+        src = tl.load(a_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            w_mask = col_mask[None, :]
         else:
-            src = rows.to(tl.int64)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        ks = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-                w_mask = col_mask[None, :]
-            else:
-                k_mask = k0 + ks < K
-                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w_mask = k_mask[:, None] & col_mask[None, :]
-            acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc)
-            if EPILOGUE == SWIGLU:
-                acc_up = tl.dot(a, tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0), acc_up)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
-        mask = row_mask[:, None] & col_mask[None, :]
-        dtype = out_ptr.dtype.element_ty
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-        if EPILOGUE == SWIGLU:
-            pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
-            tl.store(pre_ptrs, acc.to(dtype), mask=mask)
-            tl.store(pre_ptrs + N, acc_up.to(dtype), mask=mask)
-            tl.store(out_ptrs, (acc * tl.sigmoid(acc) * acc_up).to(dtype), mask=mask)
-        elif EPILOGUE == SWIGLU_BACKWARD:
-            pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
-            gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(gate)
-            tl.store(out_ptrs, (acc * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype), mask=mask)
-            tl.store(out_ptrs + N, (acc * gate * sig).to(dtype), mask=mask)
-        else:
-            if SCATTER:
-                dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-                out_ptrs = out_ptr + dst[:, None] * stride_om + cols[None, :]
-            tl.store(out_ptrs, acc.to(dtype), mask=mask)
+            k_mask = k0 + ks < K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & col_mask[None, :]
+        acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc)
+        if SWIGLU_OUT:
+            acc_up = tl.dot(a, tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0), acc_up)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    mask = row_mask[:, None] & col_mask[None, :]
+    dtype = out_ptr.dtype.element_ty
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    if SWIGLU_OUT:
+        pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+        tl.store(pre_ptrs, acc.to(dtype), mask=mask)
+        tl.store(pre_ptrs + N, acc_up.to(dtype), mask=mask)
+        tl.store(out_ptrs, (acc * tl.sigmoid(acc) * acc_up).to(dtype), mask=mask)
+    elif SWIGLU_GRAD:
+        pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+        gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        tl.store(out_ptrs, (acc * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype), mask=mask)
+        tl.store(out_ptrs + N, (acc * gate * sig).to(dtype), mask=mask)
+    else:
+        if SCATTER:
+            dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            out_ptrs = out_ptr + dst[:, None] * stride_om + cols[None, :]
+        tl.store(out_ptrs, acc.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -165,7 +167,8 @@ def _rows(a: torch.Tensor, a_rows: torch.Tensor | None, w: torch.Tensor, transpo
         a, a_rows, w, out, out_rows, pre, expert_ends, K, N, a.stride(0), a.stride(1),
         stride_we, stride_wk, stride_wn, out.stride(0), pre.stride(0) if pre is not None else 0,
         N_EXPERTS=n_experts, EXPERTS_POW2=triton.next_power_of_2(n_experts), GATHER=a_rows is not None,
-        SCATTER=out_rows is not None, EPILOGUE=epilogue, EVEN_K=K % block_k == 0,
+        SCATTER=out_rows is not None, SWIGLU_OUT=epilogue == SWIGLU, SWIGLU_GRAD=epilogue == SWIGLU_BACKWARD,
+        EVEN_K=K % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
