@@ -102,6 +102,22 @@ def test_triton_kernels_equal_loop_forward_and_backward(interpreted_triton, dim,
         assert grad[unused].abs().sum() == 0 and grad[used].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kernel", ["grouped_mm", "triton"])
+def test_every_token_on_one_expert_with_top_1(kernel, request):
+    """Top-1 routing where every token picks expert 4: one expert holds all the rows (several tiles),
+    the other five none. Output and gradients equal the loop; the idle experts' weight gradients are zero."""
+    if kernel == "triton":
+        request.getfixturevalue("interpreted_triton")
+    torch.manual_seed(4)
+    idx, w = routing(300, 6, 1, [4], seed=4)
+    x = torch.randn(300, 32)
+    results = [run_experts(name, x, idx, w) for name in (kernel, "loop")]
+    for fast, loop in zip(*results):
+        assert (fast - loop).abs().max() <= 1e-6 * loop.abs().max()
+    for grad in results[0][3:]:
+        assert grad[[0, 1, 2, 3, 5]].abs().sum() == 0 and grad[4].abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", ["SmolMixtral", "StoryMixtral", "StoryKimi"])
 def test_moe_models_take_the_triton_kernels_from_their_config(interpreted_triton, name):
     """--experts_kernel reaches every MoE model's experts: a tiny model's training loss and gradients
