@@ -135,11 +135,12 @@ def test_moe_models_take_the_triton_kernels_from_their_config(interpreted_triton
         assert (triton_result - loop).abs().max() <= 1e-5 * loop.abs().max()
 
 
-def test_triton_kernels_compile_for_an_h100_with_pipelined_loops():
-    """Every launch of a training step, compiled for sm_90 through the triton wheel's ptxas as the JIT
-    would specialise it (tests/triton_aot.py): the interpreter runs the kernels' Python, not what the
-    compiler accepts. Each uses wgmma, pipelines its loop (num_stages buffers of its A and B tiles in
-    shared memory), fits an H100's 227 KiB of shared memory a block and spills no registers."""
+def test_triton_kernels_compile_for_an_h100_with_pipelined_loops_and_for_older_gpus():
+    """Every launch of a training step, compiled through the triton wheel's ptxas as the JIT would
+    specialise it (tests/triton_aot.py): the interpreter runs the kernels' Python, not what the
+    compiler accepts. For sm_90 each uses wgmma and pipelines its loop (num_stages buffers of its A
+    and B tiles in shared memory); on an H100, an A100 and an Ada card each fits the shared memory
+    of a block and spills no registers."""
     pytest.importorskip("triton", minversion="3.6")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
@@ -147,15 +148,18 @@ def test_triton_kernels_compile_for_an_h100_with_pipelined_loops():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     launches = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [(launch["kernel"], launch["flags"].get("SWIGLU_OUT"), launch["flags"].get("SWIGLU_GRAD"))
-            for launch in launches] == [("_rows_kernel", True, False), ("_rows_kernel", False, False),
-                                        ("_weight_grad_kernel", None, None), ("_rows_kernel", False, True),
-                                        ("_weight_grad_kernel", None, None), ("_rows_kernel", False, False)]
+    step = [("_rows_kernel", True, False), ("_rows_kernel", False, False), ("_weight_grad_kernel", None, None),
+            ("_rows_kernel", False, True), ("_weight_grad_kernel", None, None), ("_rows_kernel", False, False)]
+    shared_per_block = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}
+    assert [(launch["capability"], launch["kernel"], launch["flags"].get("SWIGLU_OUT"),
+             launch["flags"].get("SWIGLU_GRAD")) for launch in launches] == [
+        (capability, *launch) for capability in shared_per_block for launch in step]
     for launch in launches:
-        assert launch["wgmma"] and launch["spill_bytes"] == 0, launch
-        # an unpipelined loop keeps one buffer of its tiles (24-32 KiB at these blocks), a pipelined one
-        # num_stages (or num_stages - 1) of them
-        assert launch["num_stages"] == 3 and 64 * 1024 < launch["shared"] <= 227 * 1024, launch
+        assert launch["spill_bytes"] == 0 and launch["shared"] <= shared_per_block[launch["capability"]], launch
+        if launch["capability"] == 90:
+            # an unpipelined loop keeps one buffer of its tiles (24-32 KiB at these blocks), a pipelined
+            # one num_stages (or num_stages - 1) of them
+            assert launch["wgmma"] and launch["num_stages"] == 3 and launch["shared"] > 64 * 1024, launch
 
 
 def test_triton_experts_op_passes_torch_opcheck(interpreted_triton):

@@ -1,6 +1,6 @@
-"""Compile the Triton MoE kernels for an H100 (sm_90) on a machine without a GPU, as their launches
-would: `python tests/triton_aot.py` prints one JSON line per launch of a training step's forward and
-backward. Run by tests/test_moe.py in a subprocess, without TRITON_INTERPRET (the interpreter
+"""Compile the Triton MoE kernels for an H100 (sm_90), an A100 (sm_80) and an Ada card (sm_89) on a
+machine without a GPU, as their launches would: `python tests/triton_aot.py` prints one JSON line per
+GPU and launch of a training step's forward and backward. Run by tests/test_moe.py in a subprocess, without TRITON_INTERPRET (the interpreter
 replaces the kernels that this compiles).
 
 The launches are recorded by running the real launchers (smolhub.kernels.moe.scattered_experts and
@@ -20,6 +20,8 @@ import tempfile
 import torch
 
 SHAPES = dict(tokens=4096, dim=512, hidden=1024, n_experts=8, k=2)  # StoryMixtral's MoE layer
+# H100 (the benchmarks' card), A100, and the Ada cards (L4, RTX 4090) with the least shared memory a block
+CAPABILITIES = (90, 80, 89)
 DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
 
@@ -53,7 +55,7 @@ def record_launches() -> list:
     return launches
 
 
-def compile_for_h100(fn, args: tuple, kwargs: dict):
+def compile_for(fn, args: tuple, kwargs: dict, capability: int = 90):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -73,31 +75,35 @@ def compile_for_h100(fn, args: tuple, kwargs: dict):
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", capability, 32),
                           options=options)
 
 
-def spill_bytes(ptx: str) -> int:
-    """Bytes of registers spilled to local memory, from `ptxas -v` on the kernel's PTX for sm_90a."""
+def spill_bytes(ptx: str, capability: int) -> int:
+    """Bytes of registers spilled to local memory, from `ptxas -v` on the kernel's PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", os.devnull],
+        arch = f"sm_{capability}" + ("a" if capability == 90 else "")
+        info = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", path, "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", info))
 
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET: the interpreter compiles nothing"
-    for fn, args, kwargs in record_launches():
-        flags = {name: value for name, value in kwargs.items() if name.isupper() and isinstance(value, bool)}
-        compiled = compile_for_h100(fn, args, dict(kwargs))
-        print(json.dumps({"kernel": fn.__name__, "flags": flags, "num_stages": kwargs["num_stages"],
-                          "shared": compiled.metadata.shared, "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
-                          "spill_bytes": spill_bytes(compiled.asm["ptx"])}), flush=True)
+    for capability in CAPABILITIES:
+        for fn, args, kwargs in record_launches():
+            flags = {name: value for name, value in kwargs.items() if name.isupper() and isinstance(value, bool)}
+            compiled = compile_for(fn, args, dict(kwargs), capability)
+            ptx = compiled.asm["ptx"]
+            print(json.dumps({"capability": capability, "kernel": fn.__name__, "flags": flags,
+                              "num_stages": kwargs["num_stages"], "shared": compiled.metadata.shared,
+                              "wgmma": "wgmma.mma_async" in ptx, "spill_bytes": spill_bytes(ptx, capability)}),
+                  flush=True)
 
 
 if __name__ == "__main__":
