@@ -3,6 +3,7 @@ balancing losses, capacity."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -372,3 +373,33 @@ def test_residual_init_scaling_reaches_the_stacked_experts():
     experts.reset_parameters(std=0.02, residual_scale=0.25)
     assert experts.gate_up.std().item() == pytest.approx(0.02, rel=0.02)
     assert experts.down.std().item() == pytest.approx(0.005, rel=0.02)
+
+
+def test_trainer_with_the_triton_experts_resumes_exactly(interpreted_triton, tmp_path):
+    """SmolMixtral's trainer.py with --experts_kernel triton (the kernels in the interpreter): 8 steps
+    straight, and the same run resumed from its step-4 checkpoint, end with the same losses and
+    weights bit for bit, the kernels being deterministic (no atomics)."""
+    from safetensors.torch import load_file
+
+    from conftest import SHAKESPEARE, run_script
+
+    args = ["trainer.py", "--preset", "tiny", "--dataset", str(SHAKESPEARE), "--data_dir", str(tmp_path / "data"),
+            "--experts_kernel", "triton", "--deterministic", "--sample_interval", "0", "--max_steps", "8",
+            "--save_interval", "4", "--eval_interval", "4", "--eval_batches", "2", "--log_interval", "1",
+            "--warmup_steps", "2", "--batch_size", "4", "--seq_len_stages", "64", "--tokens_per_step", "512"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_script([*args, "--out_dir", str(straight)], REPO / "SmolMixtral", tmp_path)
+    resumed.mkdir()
+    shutil.copytree(straight / "ckpt-0000004", resumed / "ckpt-0000004")
+    shutil.copy(straight / "metrics.jsonl", resumed / "metrics.jsonl")
+    run_script([*args, "--out_dir", str(resumed), "--resume"], REPO / "SmolMixtral", tmp_path)
+    a, b = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (straight, resumed))
+    losses = [(r["step"], r.get("loss"), r.get("val_loss")) for r in a if "loss" in r or "val_loss" in r]
+    assert len([loss for _, loss, _ in losses if loss is not None]) == 8
+    assert losses == [(r["step"], r.get("loss"), r.get("val_loss")) for r in b if "loss" in r or "val_loss" in r]
+    config = json.loads((straight / "ckpt-0000008" / "config.json").read_text())
+    assert config["model"]["experts_kernel"] == "triton"
+    wa = load_file(str(straight / "ckpt-0000008" / "model.safetensors"))
+    wb = load_file(str(resumed / "ckpt-0000008" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[name], wb[name]) for name in wa)
