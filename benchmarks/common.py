@@ -126,7 +126,7 @@ class Pair:
 
 
 def pairs() -> dict[str, Pair]:
-    return {
+    models = {
         "SmolTransformer": Pair("SmolTransformer", 1024, ours("SmolTransformer", 50304), hf_gpt2_like,
                                 "HF GPT2LMHeadModel"),
         "SmolTransformer-124M": Pair("SmolTransformer-124M", 1024, ours("SmolTransformer", 50304, n_layer=12),
@@ -136,15 +136,13 @@ def pairs() -> dict[str, Pair]:
         "StoryMixtral": Pair("StoryMixtral", 1024, ours("StoryMixtral", 32000), hf_mixtral_like,
                              "HF MixtralForCausalLM"),
         "StoryKimi": Pair("StoryKimi", 512, ours("StoryKimi", 32000), hf_deepseek_like, "HF DeepseekV3ForCausalLM"),
-        # the MoE models with their experts in smolhub.kernels.moe's Triton kernels (--experts_kernel triton)
-        "SmolMixtral-triton": Pair("SmolMixtral-triton", 1024, ours("SmolMixtral", 32000, experts_kernel="triton"),
-                                   hf_mixtral_like, "HF MixtralForCausalLM"),
-        "StoryMixtral-triton": Pair("StoryMixtral-triton", 1024,
-                                    ours("StoryMixtral", 32000, experts_kernel="triton"), hf_mixtral_like,
-                                    "HF MixtralForCausalLM"),
-        "StoryKimi-triton": Pair("StoryKimi-triton", 512, ours("StoryKimi", 32000, experts_kernel="triton"),
-                                 hf_deepseek_like, "HF DeepseekV3ForCausalLM"),
     }
+    # the MoE models with their experts in smolhub.kernels.moe's Triton kernels (--experts_kernel triton)
+    for name in ("SmolMixtral", "StoryMixtral", "StoryKimi"):
+        moe = models[name]
+        models[f"{name}-triton"] = Pair(f"{name}-triton", moe.seq_len, ours(name, 32000, experts_kernel="triton"),
+                                        moe.build_baseline, moe.baseline_name)
+    return models
 
 
 def free() -> None:

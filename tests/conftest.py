@@ -71,8 +71,6 @@ def interpreted_triton():
 def one_thread():
     """One intra-op thread for a module of tiny matmuls: on the two shared cores a second thread only
     adds synchronisation, 4-20x slower."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -108,8 +106,6 @@ def pytest_collection_modifyitems(config, items):
     cuda_items = [item for item in items if item.get_closest_marker("cuda")]
     if not cuda_items:
         return
-    import torch
-
     if not torch.cuda.is_available():
         for item in cuda_items:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run with `pytest -m cuda` there)"))

@@ -8,7 +8,6 @@ Everything stays tensor-shaped (no `.item()`, no Python branch on data) on the g
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -87,20 +86,6 @@ class _PermuteRows(torch.autograd.Function):
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """x[perm], given perm's inverse permutation (rows of x, perm a permutation of range(len(x)))."""
     return _PermuteRows.apply(x, perm, inverse)
-
-
-def scattered_kernels_run(x: torch.Tensor) -> bool:
-    """Whether smolhub.kernels.moe runs on x: CUDA with triton, or triton's interpreter
-    (TRITON_INTERPRET=1, set before triton is imported), which runs the kernels on CPU tensors, slowly."""
-    if triton_available(x):
-        return True
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @torch.library.custom_op("smolhub::scattered_experts", mutates_args=())
@@ -186,27 +171,27 @@ class GroupedExperts(nn.Module):
         if kernel == "auto":
             kernel = "grouped_mm" if grouped_mm_supported(x) else "loop"
         if kernel == "triton":
-            if not scattered_kernels_run(x):
+            if not triton_available(x, interpreter=True):
                 raise UserError("--experts_kernel triton needs a CUDA GPU and triton: "
                                 "use --experts_kernel auto, grouped_mm or loop")
             return self._scattered(x, expert_idx, weights)
         return self._grouped(x, expert_idx, weights) if kernel == "grouped_mm" else self._loop(x, expert_idx, weights)
 
     def _sort(self, expert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(order, ends): the N*k assignments grouped by expert, and where each expert's group ends
-        (an expert without tokens gets an empty group)."""
+        """(order, ends): the N*k assignments grouped by expert, and where each expert's group ends,
+        int32 for the kernels (an expert without tokens gets an empty group)."""
         # a stable sort on the narrowest key that holds an expert index: the radix sort makes one
         # pass per key byte (eight for int64)
         flat = expert_idx.reshape(-1)
         order = flat.to(torch.uint8 if self.n_experts <= 256 else torch.int32).argsort(stable=True)
-        return order, expert_counts(expert_idx, self.n_experts).cumsum(dim=0)
+        return order, expert_counts(expert_idx, self.n_experts).cumsum(dim=0).to(torch.int32)
 
     def _scattered(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = expert_idx.shape
         dtype = _autocast_dtype(x)
         order, ends = self._sort(expert_idx)
         out, _, _ = _scattered_experts_op(x.to(dtype), self.gate_up.to(dtype), self.down.to(dtype),
-                                          order.to(torch.int32), ends.to(torch.int32), k)
+                                          order.to(torch.int32), ends, k)
         return (out.view(N, k, self.dim) * weights.to(dtype).unsqueeze(-1)).sum(dim=1)
 
     def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
@@ -218,10 +203,9 @@ class GroupedExperts(nn.Module):
         dtype = _autocast_dtype(x)
         order, ends = self._sort(expert_idx)
         position = inverse_permutation(order)  # where each assignment sits in `order`
-        offsets = ends.to(torch.int32)
         rows = permute_rows(x.to(dtype).repeat_interleave(k, dim=0), order, position)
-        h = _grouped_mm(rows, self.gate_up.to(dtype), offs=offsets)
-        out = _grouped_mm(self._swiglu(h), self.down.to(dtype), offs=offsets)
+        h = _grouped_mm(rows, self.gate_up.to(dtype), offs=ends)
+        out = _grouped_mm(self._swiglu(h), self.down.to(dtype), offs=ends)
         out = permute_rows(out, position, order).view(N, k, self.dim)  # back to (token, slot) order
         return (out * weights.to(dtype).unsqueeze(-1)).sum(dim=1)
 
