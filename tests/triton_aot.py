@@ -101,6 +101,7 @@ def main() -> None:
             compiled = compile_for(fn, args, dict(kwargs), capability)
             ptx = compiled.asm["ptx"]
             print(json.dumps({"capability": capability, "kernel": fn.__name__, "flags": flags,
+                              "blocks": [value for name, value in kwargs.items() if name.startswith("BLOCK_")],
                               "num_stages": kwargs["num_stages"], "shared": compiled.metadata.shared,
                               "wgmma": "wgmma.mma_async" in ptx, "spill_bytes": spill_bytes(ptx, capability)}),
                   flush=True)
