@@ -40,7 +40,8 @@ def experts_kernel_option() -> Any:
     """The --experts_kernel field of the MoE models' configs (smolhub.layers.GroupedExperts)."""
     return option("auto", "How the routed experts run: grouped_mm (torch's grouped GEMM; bf16 on an H100-class "
                   "GPU), triton (smolhub/kernels/moe.py: the gathers and the SwiGLU inside the matmuls; CUDA), loop "
-                  "(the exact reference, one expert at a time), or auto (grouped_mm where it runs, else loop).",
+                  "(the exact reference, one expert at a time), or auto (grouped_mm where it runs, triton on "
+                  "other CUDA GPUs in bf16, else loop).",
                   choices=EXPERTS_KERNELS)
 
 

@@ -49,6 +49,18 @@ def moe_inputs(tokens: int = 16384):
 
 
 @cuda
+def test_auto_experts_kernel_is_the_fastest_path_this_gpu_runs():
+    """auto: the grouped GEMM in bf16 on an H100-class GPU, the Triton kernels in bf16 on older ones
+    (where grouped_mm does not run), the exact loop in fp32."""
+    from smolhub.layers.moe import auto_experts_kernel
+
+    x = torch.zeros(1, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert auto_experts_kernel(x) == ("grouped_mm" if torch.cuda.get_device_capability() >= (9, 0) else "triton")
+    assert auto_experts_kernel(x) == "loop"
+
+
+@cuda
 @pytest.mark.parametrize("kernel", FAST_EXPERTS)
 def test_grouped_experts_equal_the_per_expert_loop(kernel):
     """The grouped GEMM (chosen under bf16 autocast on sm90) and the Triton kernels against the loop,

@@ -179,6 +179,17 @@ def test_triton_experts_op_passes_torch_opcheck(interpreted_triton):
     torch.library.opcheck(torch.ops.smolhub.scattered_experts.default, args)
 
 
+def test_auto_is_the_exact_loop_on_cpu_even_where_the_interpreter_runs_triton(interpreted_triton):
+    """auto picks the Triton kernels only on a CUDA GPU: the interpreter, on here, never stands in for
+    the loop, in bf16 autocast as in fp32."""
+    from smolhub.layers.moe import auto_experts_kernel
+
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert auto_experts_kernel(x) == "loop"
+    assert auto_experts_kernel(x) == "loop"
+
+
 def test_triton_kernel_without_cuda_is_one_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     idx, w = routing(5, 2, 1, [0, 1], seed=0)

@@ -34,6 +34,19 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
+def auto_experts_kernel(x: torch.Tensor) -> str:
+    """What `kernel="auto"` runs x through: the grouped GEMM where it runs (bf16 on an H100-class GPU);
+    the Triton kernels on other CUDA GPUs in bf16 (A100, Ada), where the alternative is the loop (on
+    an H100 they ran the MoE layer 2.6x as fast as the loop eager and 5x compiled, the grouped GEMM
+    1.2x as fast as they compiled: benchmarks README, "MoE step profile"); the loop elsewhere (CPU,
+    fp32, fp16), where it is exact. Triton's interpreter never stands in for a torch path here."""
+    if grouped_mm_supported(x):
+        return "grouped_mm"
+    if x.is_cuda and _autocast_dtype(x) == torch.bfloat16 and triton_available(x):
+        return "triton"
+    return "loop"
+
+
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores of each row, largest first: torch.topk(scores, k).indices for
     distinct scores (ties go to the lower index).
@@ -141,7 +154,7 @@ class GroupedExperts(nn.Module):
     - "triton": smolhub.kernels.moe, whose matmuls read and write the rows where they lie and apply
       the SwiGLU in their epilogue (CUDA, or triton's interpreter);
     - "loop": the exact reference, each expert on its rows in turn, any device and dtype;
-    - "auto": "grouped_mm" where `grouped_mm_supported`, else "loop".
+    - "auto": `auto_experts_kernel`, the fastest of them that runs here.
     Without gradients, up to `dense_max_tokens` tokens (a decode step) run every expert instead (`_dense`).
     """
 
@@ -167,9 +180,7 @@ class GroupedExperts(nn.Module):
         """x (N, dim), expert_idx (N, k) long, weights (N, k) -> sum_k weights[:, k] * expert_idx[:, k](x)."""
         if x.size(0) <= self.dense_max_tokens and not torch.is_grad_enabled():
             return self._dense(x, expert_idx, weights)
-        kernel = self.kernel
-        if kernel == "auto":
-            kernel = "grouped_mm" if grouped_mm_supported(x) else "loop"
+        kernel = auto_experts_kernel(x) if self.kernel == "auto" else self.kernel
         if kernel == "triton":
             if not triton_available(x, interpreter=True):
                 raise UserError("--experts_kernel triton needs a CUDA GPU and triton: "
