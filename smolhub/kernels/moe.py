@@ -23,9 +23,11 @@ WEIGHT_GRAD = 3  # the weight-gradient kernel, in CONFIGS
 
 # Launch configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the row kernel for each
 # epilogue, and (BLOCK_P, BLOCK_Q, BLOCK_K, num_warps, num_stages) of the weight-gradient kernel;
-# `benchmarks.layer_speed --parts moe_tune` times the candidates; these won on an H100 (2026-12-07). The
-# SwiGLU epilogues hold twice the accumulator's values (gate and up), hence their narrower BLOCK_N; the
-# backward one's configurations that spill registers (tests/triton_aot.py) ran at a third of its best.
+# `benchmarks.layer_speed --parts moe_tune` times the candidates; these won on an H100 (2026-12-07) among
+# those within an Ada card's 99 KiB of shared memory (128 x 256 tiles, at 144 KiB, ran the two plain
+# launches 4% and 18% faster). The SwiGLU epilogues hold twice the accumulator's values (gate and up),
+# hence their narrower BLOCK_N; the backward one's configurations that spill registers
+# (tests/triton_aot.py) ran at a quarter of its best.
 CONFIGS = {PLAIN: (128, 128, 64, 8, 3), SWIGLU: (128, 64, 64, 8, 3), SWIGLU_BACKWARD: (64, 64, 64, 4, 3),
            WEIGHT_GRAD: (128, 128, 64, 8, 3)}
 
