@@ -174,9 +174,22 @@ def test_triton_experts_op_passes_torch_opcheck(interpreted_triton):
     idx, _ = routing(20, 4, 2, [0, 1, 3], seed=3)
     experts = GroupedExperts(4, 32, 16, kernel="triton")
     order, ends = experts._sort(idx)
+    order = order.to(torch.int32)
     args = (torch.randn(20, 32, requires_grad=True), experts.gate_up.detach().clone().requires_grad_(),
-            experts.down.detach().clone().requires_grad_(), order.to(torch.int32), ends, 2)
+            experts.down.detach().clone().requires_grad_(), order, order // 2, ends)
     torch.library.opcheck(torch.ops.smolhub.scattered_experts.default, args)
+
+
+@pytest.mark.parametrize("kernel", ["loop", "triton"])
+def test_an_empty_batch_trains_through_the_experts(kernel, interpreted_triton):
+    """No tokens: an empty output, an empty x gradient and zero weight gradients, on the loop and the
+    Triton path alike (the latter's x gradient sums over the k slots outside its op)."""
+    experts = GroupedExperts(4, 16, 8, kernel=kernel)
+    x = torch.randn(0, 16, requires_grad=True)
+    y = experts(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    y.sum().backward()
+    assert y.shape == x.grad.shape == (0, 16)
+    assert not experts.gate_up.grad.any() and not experts.down.grad.any()
 
 
 def test_auto_is_the_exact_loop_on_cpu_even_where_the_interpreter_runs_triton(interpreted_triton):

@@ -48,8 +48,8 @@ def record_launches() -> list:
         x, gate_up, down = torch.empty(N, d, **meta), torch.empty(E, d, 2 * h, **meta), torch.empty(E, h, d, **meta)
         order = torch.empty(N * k, device="meta", dtype=torch.int32)
         ends = torch.empty(E, device="meta", dtype=torch.int32)
-        out, pre, act = kernels.scattered_experts(x, gate_up, down, order, ends, k)
-        kernels.scattered_experts_backward(torch.empty_like(out), x, gate_up, down, order, ends, k, pre, act)
+        out, pre, act = kernels.scattered_experts(x, gate_up, down, order, order // k, ends)
+        kernels.scattered_experts_backward(torch.empty_like(out), x, gate_up, down, order, order // k, ends, pre, act)
     finally:
         kernels._rows_kernel, kernels._weight_grad_kernel = rows_kernel, weight_grad_kernel
     return launches

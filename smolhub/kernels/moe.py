@@ -187,35 +187,37 @@ def _weight_grad(a: torch.Tensor, a_rows: torch.Tensor | None, b: torch.Tensor, 
 
 
 def scattered_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, order: torch.Tensor,
-                      expert_ends: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      token_of: torch.Tensor, expert_ends: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every assignment through its expert: (out (N*k, dim) in (token, slot) order, unweighted, and
     what backward needs: pre (M, 2*hidden) = the sorted rows' [gate | up], act = silu(gate) * up).
 
     x (N, dim), gate_up (E, dim, 2*hidden) and down (E, hidden, dim) of one dtype; order (M = N*k,)
-    int32, the assignments sorted by expert; expert_ends (E,) int32."""
+    int32, the assignments sorted by expert; token_of = order // k, the row of x of each; expert_ends
+    (E,) int32."""
     hidden = down.size(1)
-    tokens = order // k
     pre = x.new_empty(order.numel(), 2 * hidden)
     act = x.new_empty(order.numel(), hidden)
-    _rows(x, tokens, gate_up, False, expert_ends, SWIGLU, act, pre=pre)
+    _rows(x, token_of, gate_up, False, expert_ends, SWIGLU, act, pre=pre)
     out = x.new_empty(order.numel(), down.size(2))
     _rows(act, None, down, False, expert_ends, PLAIN, out, out_rows=order)
     return out, pre, act
 
 
 def scattered_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor,
-                               down: torch.Tensor, order: torch.Tensor, expert_ends: torch.Tensor, k: int,
-                               pre: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (x, gate_up, down) of scattered_experts given grad_out (N*k, dim) of its out,
-    accumulated in fp32."""
+                               down: torch.Tensor, order: torch.Tensor, token_of: torch.Tensor,
+                               expert_ends: torch.Tensor, pre: torch.Tensor, act: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of scattered_experts given grad_out (N*k, dim) of its out, accumulated in fp32:
+    (each assignment's share of its token's x gradient, (N*k, dim) in (token, slot) order, whose sum
+    over the k slots the caller takes; gate_up; down)."""
     grad_out = grad_out.contiguous()
-    tokens = order // k
     grad_down = torch.empty_like(down)
     _weight_grad(act, None, grad_out, order, expert_ends, grad_down)
     grad_pre = torch.empty_like(pre)
     _rows(grad_out, order, down, True, expert_ends, SWIGLU_BACKWARD, grad_pre, pre=pre)
     grad_gate_up = torch.empty_like(gate_up)
-    _weight_grad(x, tokens, grad_pre, None, expert_ends, grad_gate_up)
+    _weight_grad(x, token_of, grad_pre, None, expert_ends, grad_gate_up)
     grad_rows = torch.empty_like(grad_out)
     _rows(grad_pre, None, gate_up, True, expert_ends, PLAIN, grad_rows, out_rows=order)
-    return grad_rows.view(x.size(0), k, x.size(1)).sum(dim=1), grad_gate_up, grad_down
+    return grad_rows, grad_gate_up, grad_down

@@ -101,16 +101,19 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> 
     return _PermuteRows.apply(x, perm, inverse)
 
 
+# The index arithmetic (order // k) and the sum of x's gradient over the k slots stay outside the ops,
+# where inductor fuses them with their neighbours; the ops hold only the kernels' launches.
 @torch.library.custom_op("smolhub::scattered_experts", mutates_args=())
 def _scattered_experts_op(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, order: torch.Tensor,
-                          expert_ends: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          token_of: torch.Tensor, expert_ends: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from smolhub.kernels.moe import scattered_experts
 
-    return scattered_experts(x, gate_up, down, order, expert_ends, k)
+    return scattered_experts(x, gate_up, down, order, token_of, expert_ends)
 
 
 @_scattered_experts_op.register_fake
-def _(x, gate_up, down, order, expert_ends, k):
+def _(x, gate_up, down, order, token_of, expert_ends):
     hidden = down.size(1)
     return x.new_empty(order.numel(), down.size(2)), x.new_empty(order.numel(), 2 * hidden), \
         x.new_empty(order.numel(), hidden)
@@ -118,28 +121,29 @@ def _(x, gate_up, down, order, expert_ends, k):
 
 @torch.library.custom_op("smolhub::scattered_experts_backward", mutates_args=())
 def _scattered_experts_backward_op(grad_out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor,
-                                   down: torch.Tensor, order: torch.Tensor, expert_ends: torch.Tensor, k: int,
-                                   pre: torch.Tensor, act: torch.Tensor
+                                   down: torch.Tensor, order: torch.Tensor, token_of: torch.Tensor,
+                                   expert_ends: torch.Tensor, pre: torch.Tensor, act: torch.Tensor
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from smolhub.kernels.moe import scattered_experts_backward
 
-    return scattered_experts_backward(grad_out, x, gate_up, down, order, expert_ends, k, pre, act)
+    return scattered_experts_backward(grad_out, x, gate_up, down, order, token_of, expert_ends, pre, act)
 
 
 @_scattered_experts_backward_op.register_fake
-def _(grad_out, x, gate_up, down, order, expert_ends, k, pre, act):
-    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
+def _(grad_out, x, gate_up, down, order, token_of, expert_ends, pre, act):
+    return torch.empty_like(grad_out), torch.empty_like(gate_up), torch.empty_like(down)
 
 
 def _scattered_experts_setup(ctx, inputs, output):
-    x, gate_up, down, order, expert_ends, ctx.k = inputs
-    ctx.save_for_backward(x, gate_up, down, order, expert_ends, output[1], output[2])
+    ctx.save_for_backward(*inputs, output[1], output[2])
 
 
 def _scattered_experts_grad(ctx, grad_out, grad_pre, grad_act):
-    x, gate_up, down, order, expert_ends, pre, act = ctx.saved_tensors
-    grads = _scattered_experts_backward_op(grad_out, x, gate_up, down, order, expert_ends, ctx.k, pre, act)
-    return *grads, None, None, None
+    x, gate_up, down, order, token_of, expert_ends, pre, act = ctx.saved_tensors
+    grad_rows, grad_gate_up, grad_down = _scattered_experts_backward_op(grad_out, x, gate_up, down, order, token_of,
+                                                                        expert_ends, pre, act)
+    grad_x = grad_rows.view(x.size(0), -1, x.size(1)).sum(dim=1) if x.size(0) else torch.zeros_like(x)
+    return grad_x, grad_gate_up, grad_down, None, None, None
 
 
 _scattered_experts_op.register_autograd(_scattered_experts_grad, setup_context=_scattered_experts_setup)
@@ -201,8 +205,9 @@ class GroupedExperts(nn.Module):
         N, k = expert_idx.shape
         dtype = _autocast_dtype(x)
         order, ends = self._sort(expert_idx)
-        out, _, _ = _scattered_experts_op(x.to(dtype), self.gate_up.to(dtype), self.down.to(dtype),
-                                          order.to(torch.int32), ends, k)
+        order = order.to(torch.int32)
+        out, _, _ = _scattered_experts_op(x.to(dtype), self.gate_up.to(dtype), self.down.to(dtype), order,
+                                          order // k, ends)
         return (out.view(N, k, self.dim) * weights.to(dtype).unsqueeze(-1)).sum(dim=1)
 
     def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
