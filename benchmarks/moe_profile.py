@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.train_throughput import kernel_category
+from benchmarks.train_throughput import TRITON_MOE_KERNELS, kernel_category
 from smolhub.config import EXPERTS_KERNELS
 from smolhub.files import write_json
 
@@ -68,7 +68,7 @@ CAST_OPS = re.compile(r"^aten::(to|_to_copy|copy_)$|: ToCopyBackward\d$")
 MOE_KERNEL_CATEGORIES = [
     # CUTLASS's grouped GEMM behind torch's grouped_mm is named for its GroupProblemShape template
     ("grouped matmuls", r"grouped_mm|grouped_gemm|_grouped|GroupProblemShape"),
-    ("grouped matmuls", r"_rows_kernel|_weight_grad_kernel"),  # smolhub.kernels.moe (--experts_kernel triton)
+    ("grouped matmuls", TRITON_MOE_KERNELS),
     ("top-k", r"topk"),
     ("sort/permutation", r"sort|radix|scatter|gather|index|cumsum|repeat_interleave"),
     ("matmul", r"^aten::(mm|bmm|addmm|matmul)$"),  # on CPU the table is of operators, not kernels

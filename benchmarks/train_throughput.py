@@ -28,9 +28,10 @@ from benchmarks.common import free, nanogpt_like, pairs
 # Kernel-name patterns for --profile, tried in order: the first that matches a kernel takes it.
 # inductor names its fused kernels after the ops inside (triton_red_fused__log_softmax_..., ...); a
 # kernel fusing several concerns counts for the first listed.
+TRITON_MOE_KERNELS = r"_rows_kernel|_weight_grad_kernel"  # smolhub.kernels.moe (--experts_kernel triton)
 KERNEL_CATEGORIES = [
     ("attention", r"flash|fmha|sdpa|attention|cudnn"),
-    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|_mm_|grouped_mm|_rows_kernel|_weight_grad_kernel"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|_mm_|grouped_mm|" + TRITON_MOE_KERNELS),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("norm", r"rms_norm|layer_norm|rsqrt|var_mean"),
     ("cross-entropy", r"log_softmax|nll_loss|logsumexp|cross_entropy"),
