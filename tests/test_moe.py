@@ -89,9 +89,9 @@ def run_experts(kernel, x, idx, w, dtype=torch.float32, n_experts=6, hidden=48):
 @pytest.mark.parametrize("used", [[0, 1, 2, 3, 4, 5], [1, 4, 5], [2, 3]], ids=["all", "3-of-6", "2-of-6"])
 def test_triton_kernels_equal_loop_forward_and_backward(interpreted_triton, dim, tokens, used):
     """The Triton path (gathers, SwiGLU and scatter inside the matmuls) == the per-expert loop, output
-    and every gradient, in fp32 under the interpreter, to fp32 rounding of the largest entry: with experts that get no tokens (zero weight
-    gradients), every token on the same two experts, a width below one K block (masked) and one of
-    exact blocks, and experts with more rows than one tile."""
+    and every gradient, in fp32 under the interpreter, to fp32 rounding of the largest entry: with
+    experts that get no tokens (zero weight gradients), every token on the same two experts, a width
+    below one K block (masked) and one of exact blocks, and experts with more rows than one tile."""
     torch.manual_seed(1)
     idx, w = routing(tokens, 6, 2, used, seed=len(used))
     x = torch.randn(tokens, dim)

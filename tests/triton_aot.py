@@ -1,7 +1,7 @@
 """Compile the Triton MoE kernels for an H100 (sm_90), an A100 (sm_80) and an Ada card (sm_89) on a
 machine without a GPU, as their launches would: `python tests/triton_aot.py` prints one JSON line per
-GPU and launch of a training step's forward and backward. Run by tests/test_moe.py in a subprocess, without TRITON_INTERPRET (the interpreter
-replaces the kernels that this compiles).
+GPU and launch of a training step's forward and backward. Run by tests/test_moe.py in a subprocess,
+without TRITON_INTERPRET (the interpreter replaces the kernels that this compiles).
 
 The launches are recorded by running the real launchers (smolhub.kernels.moe.scattered_experts and
 its backward) on meta tensors with the kernels swapped for recorders; each is then compiled through
