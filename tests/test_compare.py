@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHAKESPEARE, script_env
+from conftest import REPO, SHAKESPEARE, script_env
 from smolhub.checkpoint import read_config
 from smolhub.compare import load_study, plan
 from smolhub.compare.stats import regularized_beta, student_t_two_sided, welch_p
@@ -218,3 +218,10 @@ def test_welch_p_value_matches_known_values():
     assert regularized_beta(3.0, 3.0, 0.5) == pytest.approx(0.5, rel=1e-12)
     assert regularized_beta(2.0, 1.0, 0.3) == pytest.approx(0.09, rel=1e-12)  # I_x(2, 1) = x^2
     assert math.isclose(regularized_beta(0.5, 0.5, 0.25), 1 / 3, rel_tol=1e-12)  # 2/pi asin(sqrt x)
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (REPO / "benchmarks/studies").glob("*.yaml")))
+def test_every_committed_study_plans(spec):
+    """The studies the READMEs tell users to run parse, and each arm's flags are ones its trainer takes."""
+    plans = plan(load_study(str(REPO / "benchmarks/studies" / spec)))
+    assert len(plans) >= 2 and all(p.max_steps > 0 and p.tokens_per_step > 0 for p in plans)
