@@ -48,6 +48,22 @@ def hf_gpt2_like(cfg) -> torch.nn.Module:
         embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=True, attn_implementation="sdpa"))
 
 
+def gpt2_as_smoltransformer(twin: torch.nn.Module, eps: float) -> torch.nn.Module:
+    """GPT2LMHeadModel computing SmolTransformer's function: its LayerNorms become RMSNorms (torch's, gains
+    kept under the same names) and its biases stay zero (frozen, so no optimizer moves them). Given our
+    weights (load_ours_into_twin), the pair then differs in kernels and numerics only, not in architecture."""
+    width = twin.config.n_embd
+    for block in twin.transformer.h:
+        block.ln_1, block.ln_2 = torch.nn.RMSNorm(width, eps=eps), torch.nn.RMSNorm(width, eps=eps)
+    twin.transformer.ln_f = torch.nn.RMSNorm(width, eps=eps)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+                p.requires_grad_(False)
+    return twin
+
+
 def hf_mixtral_like(cfg) -> torch.nn.Module:
     """transformers' balancing loss counts top_k assignments per token, top_k times the Switch loss
     we use, so its coefficient is ours divided by top_k."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import load_ours_into_twin, pairs
+from benchmarks.common import gpt2_as_smoltransformer, load_ours_into_twin, pairs
 from smolhub.config import TrainConfig
 from smolhub.data import PackedLoader, iter_documents, prepare_dataset
 from smolhub.data.__main__ import parse_count
@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "(exported into it; GPT-2's biases zero, its LayerNorm gains one) rather than from its own draw "
                    "of the same init: the pair then differs only in architecture details and numerics, not in "
                    "the init draw.")
+    p.add_argument("--gpt2_as_ours", action="store_true", help="SmolTransformer: also train its GPT-2 twin with "
+                   "RMSNorm for its LayerNorms and its biases held at zero, SmolTransformer's function, so that the "
+                   "gap to GPT-2 splits into what the architecture costs and what the implementation costs (with "
+                   "--same_init that twin starts from our weights).")
     p.add_argument("--tiny", action="store_true", help="Toy sizes (the CPU test).")
     p.add_argument("--out", default="quality_results")
     args = p.parse_args(argv)
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if i == 0:
             sides += [("ours", sides[0][1], s) for s in range(1, args.noise_seeds)]
         sides.append(("hf", "adamw", 0))
+        if args.gpt2_as_ours and name == "SmolTransformer":
+            sides.append(("hf as ours", "adamw", 0))
         for side, optimizer, seed in sides:
             torch.manual_seed(1337 + seed)
             ours, hf, seq_len = build_pair(name, vocab, args)
@@ -237,11 +243,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"{', seed ' + str(seed) if seed else ''})")
                 model, is_ours = ours, True
             else:
+                if side == "hf as ours":
+                    gpt2_as_smoltransformer(hf, ours.config.norm_eps)
                 if args.same_init:
                     load_ours_into_twin(name, ours, hf)
                 else:
                     init_like_ours(hf, ours.config.n_layer)
-                label = pairs()[name].baseline_name + (" (our init)" if args.same_init else "")
+                label = (pairs()[name].baseline_name + (" as ours (RMSNorm, no biases)" if side == "hf as ours" else "")
+                         + (" (our init)" if args.same_init else ""))
                 model, is_ours = HFSide(hf, getattr(hf.config, "router_aux_loss_coef", 0.0)), False
             if side == "ours":
                 del hf

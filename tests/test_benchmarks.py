@@ -30,31 +30,57 @@ def test_quality_benchmark_produces_table_and_curves(tmp_path, capsys):
         assert (out / f"quality_{name}.png").stat().st_size > 1000
 
 
-def pair_with_the_same_weights(name: str):
-    """The quality benchmark's tiny pair of `name`, ours exported into the twin: (ours, twin as HFSide)."""
+def test_quality_benchmark_splits_smoltransformers_gap_to_gpt2(tmp_path, capsys):
+    """--gpt2_as_ours trains a third SmolTransformer run, GPT-2 with SmolTransformer's function; with
+    --same_init it starts from our weights, so at step 0 it and ours have the same loss and GPT-2 another."""
+    books = tmp_path / "books"
+    books.mkdir()
+    for src, dst, n in (("train-00.txt.gz", "train.txt", 60_000), ("valid.txt.gz", "valid.txt", 20_000)):
+        with gzip.open(SHARED_DATA / "gutenberg" / src, "rt", encoding="utf-8") as f:
+            (books / dst).write_text(f.read(n))
+    out = tmp_path / "out"
+    quality.main(["--data", str(books), "--gpt2", str(GPT2_DIR), "--models", "SmolTransformer", "--tiny",
+                  "--tokens", "1024", "--tokens_per_step", "256", "--evals", "2", "--eval_batches", "2",
+                  "--noise_seeds", "1", "--num_proc", "1", "--sample_tokens", "4", "--device", "cpu",
+                  "--fp32_residual", "--same_init", "--gpt2_as_ours", "--out", str(out)])
+    runs = json.loads((out / "results.json").read_text())[0]["runs"]
+    assert [r["label"] for r in runs] == ["SmolHub SmolTransformer (adamw, fp32 residual)",
+                                          "HF GPT2LMHeadModel (our init)",
+                                          "HF GPT2LMHeadModel as ours (RMSNorm, no biases) (our init)"]
+    assert "as ours (RMSNorm, no biases)" in capsys.readouterr().out
+    ours, gpt2, as_ours = (r["val_loss"] for r in runs)
+    assert abs(ours - as_ours) < 1e-4 < abs(ours - gpt2)  # fp32 on CPU: the same function trains alike
+
+
+def pair_with_the_same_weights(name: str, gpt2_as_ours: bool = True):
+    """The quality benchmark's tiny pair of `name`, ours loaded into the twin as the benchmark's --same_init
+    does: (ours, twin as HFSide). SmolTransformer's GPT-2 twin computes our function unless told not to."""
     import argparse
 
     import torch
 
-    from smolhub_hub.export import adapter_for
+    from benchmarks.common import gpt2_as_smoltransformer, load_ours_into_twin
 
     torch.manual_seed(0)
     ours, hf, _ = quality.build_pair(name, 512, argparse.Namespace(tiny=True))
-    hf.load_state_dict(adapter_for(name).to_hf(ours.state_dict(), ours.config))
+    if name == "SmolTransformer" and gpt2_as_ours:
+        gpt2_as_smoltransformer(hf, ours.config.norm_eps)
+    load_ours_into_twin(name, ours, hf)
     return ours, quality.HFSide(hf, 0.0)
 
 
-def test_quality_pair_trains_identically_from_the_same_weights():
-    """The quality benchmark's two sides, started from the same weights (ours exported into the
-    transformers twin), follow the same loss curve in fp32: its comparison is fair up to the init
-    draw and GPU numerics. Each side uses its benchmark optimizer: the engine's for ours, AdamW over
-    adamw_param_groups for the twin."""
+@pytest.mark.parametrize("name", ["StoryLlama", "SmolTransformer"])
+def test_quality_pair_trains_identically_from_the_same_weights(name):
+    """The quality benchmark's two sides, started from the same weights (ours loaded into the
+    transformers twin; GPT-2's LayerNorms made RMSNorms and its biases held at zero), follow the same loss
+    curve in fp32: its comparison is fair up to the init draw and GPU numerics. Each side uses its benchmark
+    optimizer: the engine's for ours, AdamW over adamw_param_groups for the twin."""
     import torch
 
     from smolhub.config import TrainConfig
     from smolhub.optim import adamw_param_groups, build_optimizer, build_scheduler
 
-    ours, twin = pair_with_the_same_weights("StoryLlama")
+    ours, twin = pair_with_the_same_weights(name)
     train = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3, max_steps=20, weight_decay=0.1)
     ours_opt = build_optimizer(ours, train, "cpu")
     twin_opt = torch.optim.AdamW(adamw_param_groups(twin, train.weight_decay), lr=train.lr,
@@ -74,9 +100,11 @@ def test_quality_pair_trains_identically_from_the_same_weights():
             curve.append(loss.item())
     assert curves[0][0] != curves[0][-1]  # it trained
     torch.testing.assert_close(curves[0], curves[1], rtol=0, atol=1e-5)
+    if name == "SmolTransformer":  # the frozen biases are still zero after training
+        assert all(not p.any() for n, p in twin.named_parameters() if n.endswith(".bias"))
 
 
-@pytest.mark.parametrize("name", ["StoryLlama", "StoryMixtral", "StoryKimi"])
+@pytest.mark.parametrize("name", ["StoryLlama", "StoryMixtral", "StoryKimi", "SmolTransformer"])
 def test_quality_pair_has_the_same_loss_from_the_same_weights(name):
     """Our model and its transformers twin, given the same weights, compute the same cross-entropy
     (the MoE pairs' training totals differ only by their balancing terms, by design)."""
@@ -88,6 +116,19 @@ def test_quality_pair_has_the_same_loss_from_the_same_weights(name):
         _, loss = ours.eval()(x[:, :-1], x[:, 1:])
         _, twin_loss = twin.eval()(x[:, :-1], x[:, 1:])
     assert abs(loss.item() - twin_loss.item()) < 1e-5
+
+
+def test_gpt2_twin_differs_from_smoltransformer_by_its_layernorms():
+    """GPT-2 itself, given our weights (zero biases, unit gains), is a different function: its LayerNorms
+    centre the stream, which is why the benchmark can turn them into RMSNorms to compare implementations."""
+    import torch
+
+    ours, twin = pair_with_the_same_weights("SmolTransformer", gpt2_as_ours=False)
+    x = torch.randint(0, 512, (8, 65), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, loss = ours.eval()(x[:, :-1], x[:, 1:])
+        _, twin_loss = twin.eval()(x[:, :-1], x[:, 1:])
+    assert abs(loss.item() - twin_loss.item()) > 1e-4
 
 
 @pytest.mark.parametrize("limit", [0, 1, 15, 16, 17, 100, 511, 512, 4096, 5000])
