@@ -8,12 +8,18 @@ from benchmarks import quality
 from conftest import GPT2_DIR, SHARED_DATA
 
 
-def test_quality_benchmark_produces_table_and_curves(tmp_path, capsys):
+def few_books(tmp_path):
+    """The first 60,000 characters of the gutenberg training books and 20,000 of the held-out ones."""
     books = tmp_path / "books"
     books.mkdir()
     for src, dst, n in (("train-00.txt.gz", "train.txt", 60_000), ("valid.txt.gz", "valid.txt", 20_000)):
         with gzip.open(SHARED_DATA / "gutenberg" / src, "rt", encoding="utf-8") as f:
             (books / dst).write_text(f.read(n))
+    return books
+
+
+def test_quality_benchmark_produces_table_and_curves(tmp_path, capsys):
+    books = few_books(tmp_path)
     out = tmp_path / "out"
     quality.main(["--data", str(books), "--gpt2", str(GPT2_DIR), "--models", "StoryLlama", "SmolMixtral", "--tiny",
                   "--tokens", "1024", "--tokens_per_step", "256", "--evals", "2", "--eval_batches", "2",
@@ -33,11 +39,7 @@ def test_quality_benchmark_produces_table_and_curves(tmp_path, capsys):
 def test_quality_benchmark_splits_smoltransformers_gap_to_gpt2(tmp_path, capsys):
     """--gpt2_as_ours trains a third SmolTransformer run, GPT-2 with SmolTransformer's function; with
     --same_init it starts from our weights, so at step 0 it and ours have the same loss and GPT-2 another."""
-    books = tmp_path / "books"
-    books.mkdir()
-    for src, dst, n in (("train-00.txt.gz", "train.txt", 60_000), ("valid.txt.gz", "valid.txt", 20_000)):
-        with gzip.open(SHARED_DATA / "gutenberg" / src, "rt", encoding="utf-8") as f:
-            (books / dst).write_text(f.read(n))
+    books = few_books(tmp_path)
     out = tmp_path / "out"
     quality.main(["--data", str(books), "--gpt2", str(GPT2_DIR), "--models", "SmolTransformer", "--tiny",
                   "--tokens", "1024", "--tokens_per_step", "256", "--evals", "2", "--eval_batches", "2",
