@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tiny", action="store_true", help="Toy sizes (the CPU test).")
     p.add_argument("--out", default="quality_results")
     args = p.parse_args(argv)
+    if args.gpt2_as_ours and "SmolTransformer" not in args.models:
+        p.error("--gpt2_as_ours changes SmolTransformer's twin: add SmolTransformer to --models or drop the flag")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

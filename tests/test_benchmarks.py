@@ -54,6 +54,12 @@ def test_quality_benchmark_splits_smoltransformers_gap_to_gpt2(tmp_path, capsys)
     assert abs(ours - as_ours) < 1e-4 < abs(ours - gpt2)  # fp32 on CPU: the same function trains alike
 
 
+def test_gpt2_as_ours_without_smoltransformer_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--data", "books", "--gpt2", "gpt2", "--models", "StoryLlama", "--gpt2_as_ours"])
+    assert "add SmolTransformer to --models" in capsys.readouterr().err
+
+
 def pair_with_the_same_weights(name: str, gpt2_as_ours: bool = True):
     """The quality benchmark's tiny pair of `name`, ours loaded into the twin as the benchmark's --same_init
     does: (ours, twin as HFSide). SmolTransformer's GPT-2 twin computes our function unless told not to."""
