@@ -1,5 +1,6 @@
 """`python -m smolhub.compare`: a tiny two-arm, two-seed study on CPU, its budgets, its resume after a
 kill, and the statistics of its report."""
+import dataclasses
 import fcntl
 import json
 import math
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SHAKESPEARE, script_env
+from conftest import GPT2_DIR, REPO, SHAKESPEARE, script_env
 from smolhub.checkpoint import read_config
 from smolhub.compare import load_study, plan
 from smolhub.compare.stats import regularized_beta, student_t_two_sided, welch_p
@@ -221,7 +222,52 @@ def test_welch_p_value_matches_known_values():
 
 
 @pytest.mark.parametrize("spec", sorted(p.name for p in (REPO / "benchmarks/studies").glob("*.yaml")))
-def test_every_committed_study_plans(spec):
-    """The studies the READMEs tell users to run parse, and each arm's flags are ones its trainer takes."""
-    plans = plan(load_study(str(REPO / "benchmarks/studies" / spec)))
+def test_every_committed_study_plans(spec, tmp_path):
+    """The studies the READMEs tell users to run parse, and each arm's flags are ones its trainer takes
+    (planned on Tiny Shakespeare, where an arm's own BPE tokenizer trains in seconds, not on the books)."""
+    study = dataclasses.replace(load_study(str(REPO / "benchmarks/studies" / spec)), dataset=str(SHAKESPEARE),
+                                data_dir=str(tmp_path))
+    plans = plan(study)
     assert len(plans) >= 2 and all(p.max_steps > 0 and p.tokens_per_step > 0 for p in plans)
+
+
+def test_relative_tokenizer_and_config_flags_are_taken_from_where_the_study_runs(tmp_path, monkeypatch):
+    """Each trainer runs in its model folder, so a relative --tokenizer or --config in the spec's flags
+    reaches it resolved against the folder the study command runs in, as the dataset does."""
+    (tmp_path / "gpt2").symlink_to(GPT2_DIR)
+    (tmp_path / "run.yaml").write_text("lr: 0.002\n")
+    spec = write_spec(tmp_path, tmp_path / "data", flags={**FLAGS, "config": "run.yaml"},
+                      arms=[{"name": "llama", "model": "StoryLlama", "flags": {"tokenizer": "gpt2"}}, ARMS[1]])
+    monkeypatch.chdir(tmp_path)
+    study = load_study(spec.name)
+    assert study.flags[study.flags.index("--config") + 1] == str(tmp_path / "run.yaml")
+    llama = study.arms[0].flags
+    assert llama[llama.index("--tokenizer") + 1] == str(GPT2_DIR.resolve())
+    assert "--tokenizer" not in study.arms[1].flags
+
+
+def test_default_runs_table_reads_each_arms_steady_rate(study, capsys):
+    """benchmarks.default_runs on a finished study: each arm's plan from the report, its rate the median
+    of its logged windows after the first two, its whole-run time the plan's tokens at that rate."""
+    from benchmarks import default_runs
+
+    out, _ = study
+    rows = default_runs.main([str(out)])
+    printed = capsys.readouterr().out
+    assert [r["model"] for r in rows] == ["llama", "gpt"]
+    for row in rows:
+        windows = [r for r in records(out / row["model"] / "seed-1") if "tok_per_s" in r]
+        assert len(windows) == STEPS // 10
+        assert row["tok_per_s"] == statistics.median(r["tok_per_s"] for r in windows[2:])
+        assert (row["tokens_per_step"], row["steps"], row["reached_step"]) == (2048, STEPS, STEPS)
+        assert math.isclose(row["seconds"], STEPS * 2048 / row["tok_per_s"])
+        assert row["val_step"] == STEPS and row["val_bpb"] == records(out / row["model"] / "seed-1")[-1]["val_bpb"]
+        assert f"| {row['model']} | 2,048 | {STEPS} |" in printed
+
+
+def test_default_runs_without_a_report_is_one_line(tmp_path, capsys):
+    from benchmarks import default_runs
+
+    with pytest.raises(SystemExit) as stop:
+        default_runs.main([str(tmp_path)])
+    assert stop.value.code == 2 and "has no report.json" in capsys.readouterr().err

@@ -31,6 +31,9 @@ REQUIRED_KEYS = ("arms", "dataset", "budget", "seeds", "out_dir")
 OPTIONAL_KEYS = ("flags", "tokenizer", "val_dataset", "val_fraction", "data_dir", "nproc_per_node", "tasks",
                  "eval_flags")
 # TrainConfig fields the study sets for every run alike: an arm's flags may not set them.
+# Flags whose value is a local path: read relative to where the study runs, like the spec's dataset, while
+# each trainer runs in its model folder, so they are passed on resolved.
+PATH_FLAGS = frozenset({"--tokenizer", "--config"})
 STUDY_FIELDS = frozenset({"dataset", "val_dataset", "val_fraction", "data_dir", "seed", "max_steps", "max_seconds",
                           "out_dir", "resume", "overwrite", "init_from"})
 
@@ -101,7 +104,7 @@ def load_study(path: str) -> Study:
         raise UserError(f"arm names must differ, got {[a.name for a in arms]}")
     tasks = spec.get("tasks", [])
     study = Study(arms=arms, dataset=resolved(str(spec["dataset"])), budget=(kind, float(amount)), seeds=seeds,
-                  out_dir=Path(str(spec["out_dir"])).resolve(), flags=flag_words(spec.get("flags", [])),
+                  out_dir=Path(str(spec["out_dir"])).resolve(), flags=with_paths_resolved(flag_words(spec.get("flags", []))),
                   tokenizer=str(spec.get("tokenizer", "")), val_dataset=str(spec.get("val_dataset", "")),
                   val_fraction=spec.get("val_fraction"), data_dir=str(spec.get("data_dir", "data_cache")),
                   nproc_per_node=spec.get("nproc_per_node", 1),
@@ -128,7 +131,7 @@ def load_arm(arm) -> Arm:
     name = str(arm["name"])
     if not name or name.startswith(".") or "/" in name:
         raise UserError(f"arm name {name!r} must be usable as a folder name")
-    return Arm(name, str(arm["model"]), flag_words(arm.get("flags", [])))
+    return Arm(name, str(arm["model"]), with_paths_resolved(flag_words(arm.get("flags", []))))
 
 
 def flag_words(flags) -> list[str]:
@@ -142,6 +145,10 @@ def flag_words(flags) -> list[str]:
         values = value if isinstance(value, list) else [value]
         words += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
     return words
+
+
+def with_paths_resolved(words: list[str]) -> list[str]:
+    return [resolved(w) if i and words[i - 1] in PATH_FLAGS else w for i, w in enumerate(words)]
 
 
 def resolved(path: str) -> str:
