@@ -109,8 +109,11 @@ def time_moe(tokens: int) -> dict:
     return rows
 
 
+# The last four are for the SwiGLU backward, whose loop is only d = 512 deep: fewer stages leave shared
+# memory for more programs per SM to overlap one's epilogue with another's loop, a deeper K step halves the loop.
 MOE_ROW_CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 64, 64, 8, 3),
-                      (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 4)]
+                      (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 4),
+                      (64, 64, 64, 4, 2), (64, 64, 128, 4, 2), (64, 64, 128, 4, 3), (64, 128, 64, 8, 2)]
 MOE_WEIGHT_GRAD_CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                               (128, 256, 64, 8, 3), (64, 64, 128, 4, 3)]
 
