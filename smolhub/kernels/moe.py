@@ -81,6 +81,11 @@ def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, exper
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    mask = row_mask[:, None] & col_mask[None, :]
+    if SWIGLU_GRAD:  # the epilogue's inputs, loaded before the loop so that their latency hides behind it
+        pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+        gate_in = tl.load(pre_ptrs, mask=mask, other=0.0)
+        up_in = tl.load(pre_ptrs + N, mask=mask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -96,7 +101,6 @@ def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, exper
             acc_up = tl.dot(a, tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0), acc_up)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    mask = row_mask[:, None] & col_mask[None, :]
     dtype = out_ptr.dtype.element_ty
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     if SWIGLU_OUT:
@@ -105,9 +109,7 @@ def _rows_kernel(a_ptr, a_rows_ptr, w_ptr, out_ptr, out_rows_ptr, pre_ptr, exper
         tl.store(pre_ptrs + N, acc_up.to(dtype), mask=mask)
         tl.store(out_ptrs, (acc * tl.sigmoid(acc) * acc_up).to(dtype), mask=mask)
     elif SWIGLU_GRAD:
-        pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
-        gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        gate, up = gate_in.to(tl.float32), up_in.to(tl.float32)
         sig = tl.sigmoid(gate)
         tl.store(out_ptrs, (acc * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype), mask=mask)
         tl.store(out_ptrs + N, (acc * gate * sig).to(dtype), mask=mask)
