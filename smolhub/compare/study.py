@@ -30,10 +30,10 @@ BUDGETS = ("tokens", "flops", "seconds")
 REQUIRED_KEYS = ("arms", "dataset", "budget", "seeds", "out_dir")
 OPTIONAL_KEYS = ("flags", "tokenizer", "val_dataset", "val_fraction", "data_dir", "nproc_per_node", "tasks",
                  "eval_flags")
-# TrainConfig fields the study sets for every run alike: an arm's flags may not set them.
 # Flags whose value is a local path: read relative to where the study runs, like the spec's dataset, while
 # each trainer runs in its model folder, so they are passed on resolved.
 PATH_FLAGS = frozenset({"--tokenizer", "--config"})
+# TrainConfig fields the study sets for every run alike: an arm's flags may not set them.
 STUDY_FIELDS = frozenset({"dataset", "val_dataset", "val_fraction", "data_dir", "seed", "max_steps", "max_seconds",
                           "out_dir", "resume", "overwrite", "init_from"})
 
@@ -104,7 +104,8 @@ def load_study(path: str) -> Study:
         raise UserError(f"arm names must differ, got {[a.name for a in arms]}")
     tasks = spec.get("tasks", [])
     study = Study(arms=arms, dataset=resolved(str(spec["dataset"])), budget=(kind, float(amount)), seeds=seeds,
-                  out_dir=Path(str(spec["out_dir"])).resolve(), flags=with_paths_resolved(flag_words(spec.get("flags", []))),
+                  out_dir=Path(str(spec["out_dir"])).resolve(),
+                  flags=with_paths_resolved(flag_words(spec.get("flags", []))),
                   tokenizer=str(spec.get("tokenizer", "")), val_dataset=str(spec.get("val_dataset", "")),
                   val_fraction=spec.get("val_fraction"), data_dir=str(spec.get("data_dir", "data_cache")),
                   nproc_per_node=spec.get("nproc_per_node", 1),
