@@ -48,8 +48,9 @@ def record_launches() -> list:
         x, gate_up, down = torch.empty(N, d, **meta), torch.empty(E, d, 2 * h, **meta), torch.empty(E, h, d, **meta)
         order = torch.empty(N * k, device="meta", dtype=torch.int32)
         ends = torch.empty(E, device="meta", dtype=torch.int32)
-        out, pre, act = kernels.scattered_experts(x, gate_up, down, order, order // k, ends)
-        kernels.scattered_experts_backward(torch.empty_like(out), x, gate_up, down, order, order // k, ends, pre, act)
+        token_of = order // k
+        out, pre, act = kernels.scattered_experts(x, gate_up, down, order, token_of, ends)
+        kernels.scattered_experts_backward(torch.empty_like(out), x, gate_up, down, order, token_of, ends, pre, act)
     finally:
         kernels._rows_kernel, kernels._weight_grad_kernel = rows_kernel, weight_grad_kernel
     return launches

@@ -106,7 +106,8 @@ def load_study(path: str) -> Study:
     study = Study(arms=arms, dataset=resolved(str(spec["dataset"])), budget=(kind, float(amount)), seeds=seeds,
                   out_dir=Path(str(spec["out_dir"])).resolve(),
                   flags=with_paths_resolved(flag_words(spec.get("flags", []))),
-                  tokenizer=str(spec.get("tokenizer", "")), val_dataset=str(spec.get("val_dataset", "")),
+                  tokenizer=resolved(str(spec.get("tokenizer", ""))),
+                  val_dataset=resolved(str(spec.get("val_dataset", ""))),
                   val_fraction=spec.get("val_fraction"), data_dir=str(spec.get("data_dir", "data_cache")),
                   nproc_per_node=spec.get("nproc_per_node", 1),
                   tasks=tasks.split(",") if isinstance(tasks, str) else [str(t) for t in tasks],
@@ -172,8 +173,8 @@ def plan_arm(study: Study, arm: Arm) -> Plan:
             raise UserError(f"--{owned[0]} is set by the study for every arm alike: use the spec's keys "
                             "(dataset, val_dataset, val_fraction, data_dir, budget, seeds, out_dir) instead")
         argv = ["--dataset", study.dataset, "--data_dir", str(Path(study.data_dir).resolve())]
-        argv += ["--tokenizer", resolved(study.tokenizer)] if study.tokenizer else []
-        argv += ["--val_dataset", resolved(study.val_dataset)] if study.val_dataset else []
+        argv += ["--tokenizer", study.tokenizer] if study.tokenizer else []
+        argv += ["--val_dataset", study.val_dataset] if study.val_dataset else []
         argv += ["--val_fraction", str(study.val_fraction)] if study.val_fraction is not None else []
         argv += [*study.flags, *arm.flags]
         mcfg, cfg = parse_train_flags(cls, argv)
